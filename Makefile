@@ -1,0 +1,27 @@
+# The two quick-start targets. Each creates .venv and installs what it needs once (idempotent).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.idflux-installed
+
+.PHONY: demo test bench-cpu clean-venv
+
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel on local disk; a bare range would fetch a CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps insightface==2.1
+	touch $(STAMP)
+
+## Main job on the embedded tiny default: benchmark all three ops on the CPU, JSON + plots.
+demo: $(STAMP)
+	$(BIN)/idflux bench --device cpu --out results/bench_cpu.json --plot results/plots
+
+## Whole test suite (TRITON_INTERPRET=1 and HF_HUB_OFFLINE=1 are set by tests/conftest.py).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)

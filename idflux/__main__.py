@@ -1,0 +1,3 @@
+from idflux.cli import main
+
+raise SystemExit(main())

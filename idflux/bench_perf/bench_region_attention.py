@@ -1,0 +1,162 @@
+"""Benchmark rows for ``region_attention``: our kernel and reference against the released path.
+
+Shapes: the SigLIP branch (4 references x 264 tokens) and the ArcFace branch (4 x 8), 24 heads x 64,
+at 512^2 (1024 image tokens) and 1024^2 (4096), with 4 side-by-side boxes covering ~30% of the
+tokens. Providers:
+  ref             the PyTorch reference (groups tokens by membership pattern, unmasked SDPA per group)
+  triton          our Triton kernel (CUDA)
+  sdpa_mask       SDPA with the dense boolean mask, mask prebuilt (the released attention call)
+  sdpa_mask+build the same with the mask built per call the way the released code builds it
+                  (Python loops over boxes, heads and tokens into a CPU bool tensor, then copied)
+  flex            FlexAttention with a BlockMask from a region mask_mod (CUDA)
+  gather_sdpa     per-reference gather of in-box tokens + unmasked SDPA + scatter
+  copy            ``copy_`` of the bytes the op must move (bandwidth anchor, fwd only)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from idflux.bench_perf.harness import Case, mode_fns
+from idflux.engine.regions import TOKEN_PIXELS, box_token_range, boxes_to_membership
+from idflux.kernels import region_attention
+from idflux.kernels._backend import HAS_TRITON
+
+OP = "region_attention"
+SUMMARY = [
+    ("ref", "sdpa_mask"), ("ref", "sdpa_mask+build"),
+    ("triton", "sdpa_mask"), ("triton", "sdpa_mask+build"), ("triton", "flex"), ("triton", "gather_sdpa"),
+]
+HEADS, HEAD_DIM = 24, 64
+
+
+def quadrant_boxes(size: int, n_refs: int, fraction: float) -> list[list[float]]:
+    """``n_refs`` disjoint square boxes (pixels) covering about ``fraction`` of the image together."""
+    side = size * math.sqrt(fraction / n_refs)
+    cols = math.ceil(math.sqrt(n_refs))
+    cell = size / cols
+    boxes = []
+    for r in range(n_refs):
+        cx, cy = (r % cols + 0.5) * cell, (r // cols + 0.5) * cell
+        boxes.append([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2])
+    return boxes
+
+
+def released_mask(boxes, heads: int, size: int, id_len: int, max_refs: int, device) -> torch.Tensor:
+    """Dense (B, heads, L, max_refs * id_len) boolean mask built as the released code does: Python loops
+    over images, boxes, heads and token indices into a CPU tensor, then one copy to the device."""
+    grid = size // TOKEN_PIXELS
+    mask = torch.zeros(len(boxes), heads, grid * grid, max_refs * id_len, dtype=torch.bool)
+    for b, image_boxes in enumerate(boxes):
+        for r, box in enumerate(image_boxes[:max_refs]):
+            c0, r0, c1, r1 = box_token_range(box, size, size)
+            tokens = [y * grid + x for y in range(r0, r1) for x in range(c0, c1)]
+            for h in range(heads):
+                for t in tokens:
+                    mask[b, h, t, r * id_len : (r + 1) * id_len] = True
+    return mask.to(device)
+
+
+def _flex_provider(q, k, v, membership, owner):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ((membership[b, q_idx] >> owner[b, kv_idx]) & 1) == 1
+
+    B, H, Nq, _ = q.shape
+    block_mask = create_block_mask(mask_mod, B, None, Nq, k.shape[2], device=q.device)
+    compiled = torch.compile(flex_attention)
+    return lambda: compiled(q, k, v, block_mask=block_mask)
+
+
+def _gather_sdpa(q, k, v, rows_per_ref, offsets):
+    out = torch.zeros_like(q)
+    outs = []
+    for r, rows in enumerate(rows_per_ref):
+        s, e = offsets[r], offsets[r + 1]
+        outs.append((rows, F.scaled_dot_product_attention(q[:, :, rows], k[:, :, s:e], v[:, :, s:e])))
+    for rows, o in outs:
+        out = out.index_copy(2, rows, o)
+    return out
+
+
+def cases(device: torch.device, quick: bool = False) -> Iterator[Case]:
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    dname = "bf16" if cuda else "fp32"
+    if cuda:
+        sweep = [(s, n) for s in (512, 1024) for n in (264, 8)]
+    elif quick:
+        sweep = [(512, 8)]
+    else:
+        sweep = [(1024, 264), (512, 8)]
+    n_refs, fraction = 4, 0.3
+    for size, per_ref in sweep:
+        boxes = [quadrant_boxes(size, n_refs, fraction)]
+        membership = boxes_to_membership(boxes, size, size).to(device)
+        Nq, Nkv = membership.shape[1], n_refs * per_ref
+        offsets = (torch.arange(n_refs + 1, device=device) * per_ref).view(1, -1)
+        q = torch.randn(1, HEADS, Nq, HEAD_DIM, device=device, dtype=dtype, requires_grad=True)
+        k = torch.randn(1, HEADS, Nkv, HEAD_DIM, device=device, dtype=dtype, requires_grad=True)
+        v = torch.randn(1, HEADS, Nkv, HEAD_DIM, device=device, dtype=dtype, requires_grad=True)
+        in_box = int((membership != 0).sum())
+        counts = [int(((membership[0] >> r) & 1).sum()) for r in range(n_refs)]
+        fwd_flops = 4.0 * HEADS * HEAD_DIM * per_ref * sum(counts)
+        flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}
+        elt = q.element_size()
+        qo_bytes = 2 * HEADS * Nq * HEAD_DIM * elt  # dense API: every row of O is written
+        kv_bytes = 2 * HEADS * Nkv * HEAD_DIM * elt
+        nbytes = {"fwd": qo_bytes + kv_bytes, "bwd": 2 * qo_bytes + 2 * kv_bytes + HEADS * Nq * HEAD_DIM * elt,
+                  "fwd+bwd": 3 * qo_bytes + 3 * kv_bytes}
+        shape = {"B": 1, "H": HEADS, "Nq": Nq, "refs": n_refs, "tokens_per_ref": per_ref, "D": HEAD_DIM,
+                 "in_box": round(in_box / Nq, 3), "image": size}
+        inputs = (q, k, v)
+
+        mask = released_mask(boxes, HEADS, size, per_ref, n_refs, device)
+        providers = {
+            "ref": lambda: region_attention(q, k, v, membership, offsets, backend="torch"),
+            "sdpa_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+            "sdpa_mask+build": lambda: F.scaled_dot_product_attention(
+                q, k, v, attn_mask=released_mask(boxes, HEADS, size, per_ref, n_refs, device)),
+        }
+        rows_per_ref = [((membership[0] >> r) & 1).nonzero().squeeze(1) for r in range(n_refs)]
+        offs_list = offsets[0].tolist()
+        providers["gather_sdpa"] = lambda: _gather_sdpa(q, k, v, rows_per_ref, offs_list)
+        if cuda and HAS_TRITON:
+            providers["triton"] = lambda: region_attention(q, k, v, membership, offsets, backend="triton")
+            owner = (torch.arange(Nkv, device=device) // per_ref).view(1, -1)
+            try:
+                providers["flex"] = _flex_provider(q, k, v, membership, owner)
+            except Exception as exc:  # noqa: BLE001 - recorded as a failed row below
+                providers["flex"] = _raiser(exc)
+        for name, fwd in providers.items():
+            for mode, fn in _safe_modes(fwd, inputs).items():
+                if name == "sdpa_mask+build" and mode == "bwd":
+                    continue  # the backward does not rebuild the mask: same as sdpa_mask
+                yield Case(OP, name, mode, shape, dname, fn, flops=flops[mode], bytes=nbytes[mode])
+        yield Case(OP, "mask_build", "fwd", shape, dname,
+                   lambda: released_mask(boxes, HEADS, size, per_ref, n_refs, device),
+                   note="released dense-mask construction alone")
+        src = torch.empty(nbytes["fwd"] // 2, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        yield Case(OP, "copy", "fwd", shape, dname, lambda: dst.copy_(src), bytes=nbytes["fwd"],
+                   note="copy_ of the forward's bytes")
+        del mask, providers
+
+
+def _raiser(exc: Exception):
+    def fn():
+        raise exc
+    return fn
+
+
+def _safe_modes(forward, inputs):
+    """mode_fns, but a provider whose first call fails yields failing callables instead of stopping the sweep."""
+    try:
+        return mode_fns(forward, inputs)
+    except Exception as exc:  # noqa: BLE001
+        return {m: _raiser(exc) for m in ("fwd", "bwd", "fwd+bwd")}

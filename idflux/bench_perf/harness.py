@@ -1,0 +1,211 @@
+"""Benchmark harness: cases x providers x modes -> timed rows -> JSON file -> plots.
+
+Each ``bench_<op>.py`` exposes ``cases(device, quick) -> Iterator[Case]`` (a generator, so the
+tensors of one case are freed before the next is built) and ``SUMMARY``: the pairs
+``(provider, baseline)`` whose speed ratio the run reports. The harness times each case
+(``triton.testing.do_bench`` on CUDA, a repeat timer on CPU), records median and 20/80 percentiles,
+peak memory (CUDA), useful TFLOP/s and GB/s where the case states its work, and the run's
+device, versions and commit.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+@dataclass
+class Case:
+    """One timed configuration.
+
+    op: op name (``region_attention``...). provider: implementation label. mode: one of MODES.
+    shape: the sizes that define the case (JSON-able). dtype: ``"fp32"``, ``"bf16"``...
+    fn: the callable timed (no arguments). flops / bytes: useful work and the bytes the op must
+    move for this mode (None when not meaningful). note: free text kept in the row.
+    """
+
+    op: str
+    provider: str
+    mode: str
+    shape: dict
+    dtype: str
+    fn: Callable[[], object]
+    flops: float | None = None
+    bytes: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def mode_fns(forward: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor]) -> dict[str, Callable[[], object]]:
+    """Callables for fwd, bwd and fwd+bwd of ``forward`` with respect to ``inputs``.
+
+    fwd runs under ``no_grad``; bwd reuses one graph (``retain_graph``) with a fixed random upstream
+    gradient, so only the backward is timed; fwd+bwd builds the graph each call.
+    """
+    inputs = list(inputs)
+    with torch.enable_grad():
+        out = forward()
+    grad_out = torch.ones_like(out) if out.dim() == 0 else torch.randn_like(out)
+
+    def fwd():
+        with torch.no_grad():
+            return forward()
+
+    def bwd():
+        return torch.autograd.grad(out, inputs, grad_out, retain_graph=True, allow_unused=True)
+
+    def fwd_bwd():
+        with torch.enable_grad():
+            o = forward()
+        return torch.autograd.grad(o, inputs, grad_out, allow_unused=True)
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, min_reps: int = 3, budget_s: float = 1.0) -> tuple[float, float, float]:
+    """(median, p20, p80) in milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        return float(med), float(p20), float(p80)
+    fn()  # warm-up: first-call allocations, lazy init
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < min_reps or (time.perf_counter() - start < budget_s and len(samples) < 50):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    samples.sort()
+    q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
+    return statistics.median(samples), q[1], q[7]
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak extra device memory of one call, in MiB (CUDA only; None on CPU)."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()) + f" ({os.cpu_count()} cpus)"
+    return {
+        "device": device.type,
+        "device_name": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "commit": git_commit(),
+        "python": platform.python_version(),
+    }
+
+
+def run_cases(cases: Iterable[Case], device: torch.device, *, budget_s: float = 1.0, log: Callable[[str], None] = print) -> list[dict]:
+    """Time every case; a case that fails records its error instead of stopping the run."""
+    env = environment(device)
+    rows = []
+    for case in cases:
+        row = {
+            "op": case.op, "provider": case.provider, "mode": case.mode, "shape": case.shape, "dtype": case.dtype,
+            **env, "note": case.note, **case.extra,
+        }
+        try:
+            ms, p20, p80 = time_fn(case.fn, device, budget_s=budget_s)
+            row.update(ms=ms, ms_p20=p20, ms_p80=p80, peak_mem_mb=peak_memory_mb(case.fn, device))
+            row["tflops"] = case.flops / (ms * 1e-3) / 1e12 if case.flops else None
+            row["gbps"] = case.bytes / (ms * 1e-3) / 1e9 if case.bytes else None
+        except Exception as exc:  # noqa: BLE001 - a broken provider is a row, not a crash
+            row.update(ms=None, error=f"{type(exc).__name__}: {exc}")
+        rows.append(row)
+        log(format_row(row))
+        case.fn = None  # drop references to the case's tensors before the next is built
+    return rows
+
+
+def shape_label(shape: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in shape.items())
+
+
+def format_row(row: dict) -> str:
+    if row.get("ms") is None:
+        return f"{row['op']:<17} {row['provider']:<24} {row['mode']:<8} {row['dtype']:<5} {shape_label(row['shape'])}  ERROR {row.get('error')}"
+    extra = ""
+    if row.get("tflops"):
+        extra += f" {row['tflops']:8.3f} TFLOP/s"
+    if row.get("gbps"):
+        extra += f" {row['gbps']:8.1f} GB/s"
+    if row.get("peak_mem_mb") is not None:
+        extra += f" {row['peak_mem_mb']:9.1f} MiB"
+    return (f"{row['op']:<17} {row['provider']:<24} {row['mode']:<8} {row['dtype']:<5} {shape_label(row['shape'])}"
+            f"  {row['ms']:10.3f} ms [{row['ms_p20']:.3f}, {row['ms_p80']:.3f}]{extra}")
+
+
+def speedups(rows: list[dict], pairs: Sequence[tuple[str, str]]) -> list[dict]:
+    """Ratio baseline_ms / provider_ms for every (provider, baseline) pair measured on the same case."""
+    index = {}
+    for r in rows:
+        if r.get("ms"):
+            index[(r["op"], r["provider"], r["mode"], json.dumps(r["shape"], sort_keys=True), r["dtype"])] = r["ms"]
+    out = []
+    for (op, prov, mode, shape, dtype), ms in index.items():
+        for p, base in pairs:
+            if prov != p:
+                continue
+            b = index.get((op, base, mode, shape, dtype))
+            if b:
+                out.append({"op": op, "provider": p, "baseline": base, "mode": mode, "shape": json.loads(shape),
+                            "dtype": dtype, "speedup": b / ms})
+    return out
+
+
+def write_results(path: str | os.PathLike, rows: list[dict], summary: list[dict]) -> None:
+    """Write rows and speed-ups as JSON, atomically (a crash never leaves a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "rows": rows, "speedups": summary}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    return json.loads(Path(path).read_text())

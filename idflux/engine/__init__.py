@@ -1,0 +1,1 @@
+"""FLUX backbone, identity adapter, regions, faces, sampling and the generation CLI."""

@@ -1,0 +1,42 @@
+"""Boxes in output pixels -> per-token membership bitmasks on FLUX's 16-pixel token grid."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+#: Pixels per image token side: VAE x8 down-sampling, then 2x2 latent patches.
+TOKEN_PIXELS = 16
+
+
+def box_token_range(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
+    """Token rows/columns touched by ``box`` = (x1, y1, x2, y2) in pixels: the released floor/ceil rule.
+
+    Returns (col0, row0, col1, row1), half-open, clipped to the grid: columns
+    ``floor(x1/16) .. ceil(x2/16) - 1``, rows likewise.
+    """
+    x1, y1, x2, y2 = (float(c) for c in box)
+    gw, gh = width // TOKEN_PIXELS, height // TOKEN_PIXELS
+    c0 = min(max(math.floor(x1 / TOKEN_PIXELS), 0), gw)
+    r0 = min(max(math.floor(y1 / TOKEN_PIXELS), 0), gh)
+    c1 = min(max(math.ceil(x2 / TOKEN_PIXELS), 0), gw)
+    r1 = min(max(math.ceil(y2 / TOKEN_PIXELS), 0), gh)
+    return c0, r0, c1, r1
+
+
+def boxes_to_membership(boxes: Sequence[Sequence[Sequence[float]]], height: int, width: int) -> torch.Tensor:
+    """(B, n_tokens) int64 bitmask: bit r of token ``y * W_tok + x`` set when the token's cell touches box r.
+
+    ``boxes[b]`` lists image b's boxes in reference order, each (x1, y1, x2, y2) in output pixels.
+    """
+    if height % TOKEN_PIXELS or width % TOKEN_PIXELS:
+        raise ValueError(f"boxes_to_membership: height and width must be multiples of {TOKEN_PIXELS}, got {height}x{width}")
+    gh, gw = height // TOKEN_PIXELS, width // TOKEN_PIXELS
+    out = torch.zeros(len(boxes), gh, gw, dtype=torch.int64)
+    for b, image_boxes in enumerate(boxes):
+        for r, box in enumerate(image_boxes):
+            c0, r0, c1, r1 = box_token_range(box, height, width)
+            out[b, r0:r1, c0:c1] |= 1 << r
+    return out.view(len(boxes), gh * gw)

@@ -1,0 +1,9 @@
+"""The three hot-path ops, each a Triton kernel with an exact PyTorch reference.
+
+All take ``backend="auto" | "triton" | "torch"``: ``auto`` runs Triton on CUDA tensors and the
+reference otherwise; ``triton`` on CPU tensors runs Triton's interpreter (``TRITON_INTERPRET=1``).
+"""
+
+from idflux.kernels.region_attention import region_attention
+
+__all__ = ["region_attention"]

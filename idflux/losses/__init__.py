@@ -1,0 +1,1 @@
+"""Training losses: flow matching, GT-aligned identity loss, contrastive (InfoNCE) loss."""

@@ -1,0 +1,1 @@
+"""Training: data, schedule, trainer loop, checkpoints, distributed."""

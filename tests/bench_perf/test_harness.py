@@ -1,0 +1,29 @@
+import json
+
+import torch
+
+from idflux.bench_perf import harness
+
+
+def test_mode_fns_time_and_rows(tmp_path):
+    x = torch.randn(64, 64, requires_grad=True)
+    fns = harness.mode_fns(lambda: (x @ x).sum(), [x])
+    assert set(fns) == set(harness.MODES)
+    grads = fns["fwd+bwd"]()
+    torch.testing.assert_close(grads[0], (x @ x).new_ones(64, 64) @ x.T + x.T @ x.new_ones(64, 64))
+    cases = [harness.Case("toy", p, m, {"n": 64}, "fp32", f, flops=2 * 64**3) for p in ("a", "b") for m, f in fns.items()]
+    rows = harness.run_cases(cases, torch.device("cpu"), budget_s=0.0, log=lambda s: None)
+    assert len(rows) == 6 and all(r["ms"] > 0 and r["tflops"] > 0 for r in rows)
+    summary = harness.speedups(rows, [("a", "b")])
+    assert len(summary) == 3 and all(s["speedup"] > 0 for s in summary)
+    path = tmp_path / "r.json"
+    harness.write_results(path, rows, summary)
+    assert json.loads(path.read_text())["rows"][0]["op"] == "toy"
+
+
+def test_failing_case_becomes_an_error_row():
+    def boom():
+        raise RuntimeError("nope")
+
+    rows = harness.run_cases([harness.Case("toy", "x", "fwd", {}, "fp32", boom)], torch.device("cpu"), log=lambda s: None)
+    assert rows[0]["ms"] is None and "nope" in rows[0]["error"]

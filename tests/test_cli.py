@@ -1,0 +1,57 @@
+"""Every ``idflux`` subcommand runs: --help, and a real invocation."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from idflux.cli import main
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["env", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    assert "usage: idflux" in capsys.readouterr().out
+
+
+def test_env_json(capsys):
+    assert main(["env", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["torch"] and set(info["backends"]) == {"region_attention", "cosine_infonce", "face_warp"}
+    assert info["TRITON_INTERPRET"] == "1"  # conftest switched the interpreter on
+
+
+def test_console_script_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "idflux", "env"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "region_attention" in out.stdout
+
+
+def test_bench_writes_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "region_attention", "--quick", "--budget", "0", "--out", str(out), "--plot", str(tmp_path / "plots"), "--strict"]) == 0
+    doc = json.loads(out.read_text())
+    providers = {r["provider"] for r in doc["rows"]}
+    assert {"ref", "sdpa_mask", "sdpa_mask+build", "gather_sdpa", "copy"} <= providers
+    for row in doc["rows"]:
+        assert row["ms"] > 0 and row["device"] == "cpu" and row["torch"] and row["commit"]
+        assert row["ms_p20"] <= row["ms"] <= row["ms_p80"]
+    assert any(s["provider"] == "ref" and s["baseline"] == "sdpa_mask" for s in doc["speedups"])
+    assert (tmp_path / "plots" / "region_attention.png").stat().st_size > 1000
+
+
+def test_bench_cuda_without_cuda_is_a_clear_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_bench_rejects_unknown_op(capsys):
+    assert main(["bench", "not_an_op"]) == 2
+    assert "unknown op" in capsys.readouterr().err
