@@ -4,7 +4,8 @@ Shapes: the SigLIP branch (4 references x 264 tokens) and the ArcFace branch (4 
 at 512^2 (1024 image tokens) and 1024^2 (4096), with 4 side-by-side boxes covering ~30% of the
 tokens. Providers:
   ref             the PyTorch reference (groups tokens by membership pattern, unmasked SDPA per group)
-  triton          our Triton kernel (CUDA)
+  triton          our Triton kernel, dense form (CUDA): writes zeros for out-of-box rows
+  triton_packed   the same kernel on the in-box tokens only, (T, H, D), as the engine calls it
   sdpa_mask       SDPA with the dense boolean mask, mask prebuilt (the released attention call)
   sdpa_mask+build the same with the mask built per call the way the released code builds it
                   (Python loops over boxes, heads and tokens into a CPU bool tensor, then copied)
@@ -23,13 +24,14 @@ import torch.nn.functional as F
 
 from idflux.bench_perf.harness import Case, mode_fns
 from idflux.engine.regions import TOKEN_PIXELS, box_token_range, boxes_to_membership
-from idflux.kernels import region_attention
+from idflux.kernels import region_attention, region_attention_packed
 from idflux.kernels._backend import HAS_TRITON
 
 OP = "region_attention"
 SUMMARY = [
     ("ref", "sdpa_mask"), ("ref", "sdpa_mask+build"),
     ("triton", "sdpa_mask"), ("triton", "sdpa_mask+build"), ("triton", "flex"), ("triton", "gather_sdpa"),
+    ("triton_packed", "sdpa_mask"), ("triton_packed", "flex"), ("triton", "copy"), ("triton_packed", "copy"),
 ]
 HEADS, HEAD_DIM = 24, 64
 
@@ -128,6 +130,13 @@ def cases(device: torch.device, quick: bool = False) -> Iterator[Case]:
         providers["gather_sdpa"] = lambda: _gather_sdpa(q, k, v, rows_per_ref, offs_list)
         if cuda and HAS_TRITON:
             providers["triton"] = lambda: region_attention(q, k, v, membership, offsets, backend="triton")
+            b_idx, t_idx = (membership != 0).nonzero(as_tuple=True)
+            qp = q.detach()[b_idx, :, t_idx].clone().requires_grad_()
+            packed_args = (membership[b_idx, t_idx], b_idx, offsets)
+            packed_fwd = lambda: region_attention_packed(qp, k, v, *packed_args, backend="triton")  # noqa: E731
+            packed_bytes = {m: nb - (2 if m != "bwd" else 3) * HEADS * (Nq - qp.shape[0]) * HEAD_DIM * elt for m, nb in nbytes.items()}
+            for mode, fn in _safe_modes(packed_fwd, (qp, k, v)).items():
+                yield Case(OP, "triton_packed", mode, shape, dname, fn, flops=flops[mode], bytes=packed_bytes[mode])
             owner = (torch.arange(Nkv, device=device) // per_ref).view(1, -1)
             try:
                 providers["flex"] = _flex_provider(q, k, v, membership, owner)

@@ -4,6 +4,6 @@ All take ``backend="auto" | "triton" | "torch"``: ``auto`` runs Triton on CUDA t
 reference otherwise; ``triton`` on CPU tensors runs Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
-from idflux.kernels.region_attention import region_attention
+from idflux.kernels.region_attention import region_attention, region_attention_packed
 
-__all__ = ["region_attention"]
+__all__ = ["region_attention", "region_attention_packed"]

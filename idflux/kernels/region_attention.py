@@ -1,94 +1,314 @@
-"""Region-constrained identity cross-attention: ``region_attention``.
+"""Region-constrained identity cross-attention: ``region_attention`` and ``region_attention_packed``.
 
 Image token i of image b attends, in one softmax, to the identity tokens of every reference whose
-box it lies in; a token in no box receives exactly 0 (and 0 gradient). The mask is never built:
-a per-token bitmask (``membership``) and each reference's key span (``ref_offsets``) are all the
-op needs.
+box it lies in; a token in no box receives exactly 0 (and 0 gradient). The mask is never built: a
+per-token bitmask (``membership``) and each reference's key span (``ref_offsets``) are all the op
+needs. Layers: Triton kernels (``_region_attention_triton``) -> launchers -> ``torch.library``
+custom ops with fake and autograd registrations (so ``torch.compile`` graphs accept them) -> the
+public functions, which validate their input and dispatch on ``backend``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
-from idflux.kernels._backend import resolve_backend
-from idflux.kernels.region_attention_ref import region_attention_ref
+from idflux.kernels._backend import HAS_TRITON, resolve_backend
+from idflux.kernels.region_attention_ref import region_attention_packed_ref, region_attention_ref
 
-#: References per image the PyTorch reference handles (bits of an int64 bitmask).
-MAX_REFS_TORCH = 62
+#: References per image either backend handles: bits of an int64 bitmask, the sign bit excluded.
+MAX_REFS = 62
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_BLOCK_M = 64
 
 
-def _check_inputs(q, k, v, membership, ref_offsets, scale, max_refs: int) -> None:
+# ---------------------------------------------------------------------------------------------
+# Input checks (all of them here; kernels assume valid input)
+# ---------------------------------------------------------------------------------------------
+
+def _fail(fn: str, msg: str):
+    raise ValueError(f"{fn}: {msg}")
+
+
+def _check_common(fn, q, k, v, membership, ref_offsets, scale, H, D):
     for name, t in (("q", q), ("k", k), ("v", v), ("membership", membership), ("ref_offsets", ref_offsets)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"region_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("k", k), ("v", v)):
         if t.dim() != 4:
-            raise ValueError(f"region_attention: {name} must be 4-D (B, H, N, D), got shape {tuple(t.shape)}")
+            _fail(fn, f"{name} must be 4-D (B, H, Nkv, D), got shape {tuple(t.shape)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
         if not t.is_floating_point():
-            raise ValueError(f"region_attention: {name} must be a float tensor, got {t.dtype}")
+            _fail(fn, f"{name} must be a float tensor, got {t.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"region_attention: q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}; cast them")
-    B, H, Nq, D = q.shape
+        _fail(fn, f"q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}; cast them")
     if k.shape != v.shape:
-        raise ValueError(f"region_attention: k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
-        raise ValueError(
-            f"region_attention: k must be (B, H, Nkv, D) = ({B}, {H}, Nkv, {D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}"
-        )
+        _fail(fn, f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.shape[1] != H or k.shape[3] != D:
+        _fail(fn, f"k must be (B, H={H}, Nkv, D={D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
     for name, t in (("k", k), ("v", v), ("membership", membership), ("ref_offsets", ref_offsets)):
         if t.device != q.device:
-            raise ValueError(f"region_attention: {name} is on {t.device} but q is on {q.device}; move all inputs to one device")
+            _fail(fn, f"{name} is on {t.device} but q is on {q.device}; move all inputs to one device")
     if membership.dtype not in _INT_DTYPES:
-        raise ValueError(f"region_attention: membership must be an integer bitmask tensor, got {membership.dtype}")
-    if membership.shape != (B, Nq):
-        raise ValueError(f"region_attention: membership must be (B, Nq) = ({B}, {Nq}), got {tuple(membership.shape)}")
+        _fail(fn, f"membership must be an integer bitmask tensor, got {membership.dtype}")
     if ref_offsets.dtype not in _INT_DTYPES:
-        raise ValueError(f"region_attention: ref_offsets must be an integer tensor, got {ref_offsets.dtype}")
+        _fail(fn, f"ref_offsets must be an integer tensor, got {ref_offsets.dtype}")
+    B = k.shape[0]
     if ref_offsets.dim() != 2 or ref_offsets.shape[0] != B or ref_offsets.shape[1] < 1:
-        raise ValueError(f"region_attention: ref_offsets must be (B, R+1) with B = {B}, got {tuple(ref_offsets.shape)}")
+        _fail(fn, f"ref_offsets must be (B, R+1) with B = {B}, got {tuple(ref_offsets.shape)}")
     R = ref_offsets.shape[1] - 1
-    if R > max_refs:
-        raise ValueError(
-            f"region_attention: ref_offsets describes R = {R} references per image; this backend supports at most "
-            f"{max_refs} (split the references over several calls, or use backend='torch' which takes up to {MAX_REFS_TORCH})"
-        )
+    if R > MAX_REFS:
+        _fail(fn, f"ref_offsets describes R = {R} references per image; at most {MAX_REFS} are supported "
+                  f"(int64 bitmask): split the references over several calls")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"region_attention: scale must be a positive finite number or None (1/sqrt(D)), got {scale!r}")
-    # Data checks (one host sync on CUDA).
+        _fail(fn, f"scale must be a positive finite number or None (1/sqrt(D)), got {scale!r}")
+    # Data checks: one host sync on CUDA (the engine validates once per generation and calls the ops).
     offs = ref_offsets.long()
     Nkv = k.shape[2]
-    if B and ((offs < 0).any() or (offs > Nkv).any()):
-        raise ValueError(f"region_attention: ref_offsets must lie in [0, Nkv={Nkv}], got {ref_offsets.tolist()}")
-    if R and (offs[:, 1:] < offs[:, :-1]).any():
-        raise ValueError(
-            f"region_attention: ref_offsets must be non-decreasing along each row (an image with fewer references "
-            f"repeats its last offset), got {ref_offsets.tolist()}"
-        )
+    if offs.numel() and ((offs < 0).any() or (offs > Nkv).any()):
+        _fail(fn, f"ref_offsets must lie in [0, Nkv={Nkv}], got {ref_offsets.tolist()}")
+    if R and offs.numel() and (offs[:, 1:] < offs[:, :-1]).any():
+        _fail(fn, f"ref_offsets must be non-decreasing along each row (an image with fewer references "
+                  f"repeats its last offset), got {ref_offsets.tolist()}")
     mem = membership.long()
     if mem.numel() and ((mem < 0).any() or (mem >> R).any()):
         bad = mem[(mem < 0) | ((mem >> R) != 0)][0].item()
-        raise ValueError(
-            f"region_attention: membership has bits beyond the R = {R} references of ref_offsets (e.g. value {bad}); "
-            f"bit r must be < R"
-        )
+        _fail(fn, f"membership has bits beyond the R = {R} references of ref_offsets (e.g. value {bad}); bit r must be < R")
 
+
+def _check_inputs(q, k, v, membership, ref_offsets, scale):
+    fn = "region_attention"
+    if isinstance(q, torch.Tensor) and q.dim() != 4:
+        _fail(fn, f"q must be 4-D (B, H, Nq, D), got shape {tuple(q.shape)}")
+    if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and k.dim() == 4 and k.shape[0] != q.shape[0]:
+        _fail(fn, f"k must be (B={q.shape[0]}, H, Nkv, D) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    _check_common(fn, q, k, v, membership, ref_offsets, scale, q.shape[1], q.shape[3])
+    if membership.shape != (q.shape[0], q.shape[2]):
+        _fail(fn, f"membership must be (B, Nq) = ({q.shape[0]}, {q.shape[2]}), got {tuple(membership.shape)}")
+
+
+def _check_packed(q, k, v, membership, image_index, ref_offsets, scale):
+    fn = "region_attention_packed"
+    if isinstance(q, torch.Tensor) and q.dim() != 3:
+        _fail(fn, f"q must be 3-D (T, H, D) (in-box tokens of all images), got shape {tuple(q.shape)}")
+    _check_common(fn, q, k, v, membership, ref_offsets, scale, q.shape[1], q.shape[2])
+    T = q.shape[0]
+    if membership.shape != (T,):
+        _fail(fn, f"membership must be (T,) = ({T},), got {tuple(membership.shape)}")
+    if not isinstance(image_index, torch.Tensor) or image_index.dtype not in _INT_DTYPES:
+        _fail(fn, f"image_index must be an integer tensor, got {getattr(image_index, 'dtype', type(image_index).__name__)}")
+    if image_index.shape != (T,):
+        _fail(fn, f"image_index must be (T,) = ({T},), got {tuple(image_index.shape)}")
+    if image_index.device != q.device:
+        _fail(fn, f"image_index is on {image_index.device} but q is on {q.device}; move all inputs to one device")
+    B = k.shape[0]
+    if T and ((image_index < 0).any() or (image_index >= B).any()):
+        _fail(fn, f"image_index must lie in [0, B={B}) (B = k.shape[0]), got values in "
+                  f"[{int(image_index.min())}, {int(image_index.max())}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _block_n(n_kv: int, n_refs: int) -> int:
+    span = max(1, -(-n_kv // max(n_refs, 1)))
+    return min(64, max(16, triton_next_pow2(span)))
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def packed_tiles(image_index: torch.Tensor, n_images: int, block_m: int = _BLOCK_M):
+    """(perm, tiles) for the packed form, computed on the device without a host sync.
+
+    perm groups the tokens by image (stable); tiles is (n_tiles, 3) int64 rows (image, first, end)
+    in perm's order, BLOCK_M rows per tile at most, tiles never crossing images. n_tiles is the
+    static bound ceil(T / BLOCK_M) + B; unused tiles are empty (first == end) and exit at once.
+    The table depends only on image_index: callers that reuse one layout (every step of a
+    generation) can compute it once.
+    """
+    dev = image_index.device
+    idx = image_index.long()
+    T = idx.numel()
+    perm = torch.argsort(idx, stable=True)
+    counts = torch.zeros(n_images, dtype=torch.int64, device=dev).scatter_add_(0, idx, torch.ones_like(idx))
+    tiles_per = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles_per, 0)
+    tile_start = tile_end - tiles_per
+    row_start = torch.cumsum(counts, 0) - counts
+    n_tiles = -(-T // block_m) + n_images
+    t = torch.arange(n_tiles, device=dev)
+    img = torch.searchsorted(tile_end, t, right=True)
+    used = img < n_images
+    img = img.clamp(max=max(n_images - 1, 0))
+    first = row_start[img] + (t - tile_start[img]) * block_m
+    end = row_start[img] + counts[img]
+    zero = torch.zeros_like(first)
+    tiles = torch.stack([img, torch.where(used, first, zero), torch.where(used, end, zero)], 1).contiguous()
+    return perm, tiles
+
+
+def _geometry(q, membership, packed: bool):
+    """Strides (batch, head, row) of q-shaped tensors and of membership, rows per image, grid rows."""
+    if packed:
+        return (0, q.stride(1), q.stride(0)), (0, membership.stride(0))
+    return (q.stride(0), q.stride(1), q.stride(2)), (membership.stride(0), membership.stride(1))
+
+
+def _fwd_impl(q, k, v, membership, ref_offsets, tiles, perm, scale):
+    from idflux.kernels._region_attention_triton import LOG2E, _region_attention_fwd
+
+    packed = tiles is not None
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    D = q.shape[-1]
+    H = q.shape[1]
+    R = ref_offsets.shape[1] - 1
+    out = torch.empty_like(q)
+    if packed:
+        T = q.shape[0]
+        lse = torch.empty(H, T, dtype=torch.float32, device=q.device)
+        lse_strides = (0, lse.stride(0))
+        Nq, tiles_per_image, grid_m = T, 1, tiles.shape[0]
+    else:
+        B, _, Nq, _ = q.shape
+        lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+        lse_strides = (lse.stride(0), lse.stride(1))
+        tiles_per_image = -(-Nq // _BLOCK_M)
+        grid_m = B * tiles_per_image
+    if grid_m == 0 or H == 0 or q.numel() == 0:
+        return out.zero_(), lse.fill_(float("inf"))
+    qs, ms = _geometry(q, membership, packed)
+    os_, _ = _geometry(out, membership, packed)
+    dummy = ref_offsets
+    _region_attention_fwd[(grid_m, H)](
+        q, k, v, out, lse, membership, ref_offsets, tiles if packed else dummy, perm if packed else dummy,
+        *qs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), *os_,
+        *lse_strides, *ms, ref_offsets.stride(0),
+        Nq, tiles_per_image, R, D, scale * LOG2E,
+        BLOCK_M=_BLOCK_M, BLOCK_N=_block_n(k.shape[2], R), BLOCK_D=max(16, triton_next_pow2(D)),
+        PACKED=packed, IEEE=q.dtype == torch.float32, num_warps=4,
+    )
+    return out, lse
+
+
+def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, perm, scale):
+    from idflux.kernels._region_attention_triton import LOG2E, _region_attention_bwd
+
+    packed = tiles is not None
+    q, k, v, out, do = (_last_dim_contiguous(t) for t in (q, k, v, out, do))
+    D, H = q.shape[-1], q.shape[1]
+    R = ref_offsets.shape[1] - 1
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    if packed:
+        Nq, tiles_per_image, grid_m = q.shape[0], 1, tiles.shape[0]
+        lse_strides = (0, lse.stride(0))
+    else:
+        B, _, Nq, _ = q.shape
+        tiles_per_image = -(-Nq // _BLOCK_M)
+        grid_m = B * tiles_per_image
+        lse_strides = (lse.stride(0), lse.stride(1))
+    if grid_m and H and q.numel():
+        qs, ms = _geometry(q, membership, packed)
+        dummy = ref_offsets
+        _region_attention_bwd[(grid_m, H)](
+            q, k, v, out, do, dq, dk, dv, lse, membership, ref_offsets,
+            tiles if packed else dummy, perm if packed else dummy,
+            *qs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            *_geometry(out, membership, packed)[0], *_geometry(do, membership, packed)[0],
+            *_geometry(dq, membership, packed)[0], dk.stride(0), dk.stride(1), dk.stride(2),
+            *lse_strides, *ms, ref_offsets.stride(0),
+            Nq, tiles_per_image, R, D, scale * LOG2E, scale,
+            BLOCK_M=_BLOCK_M, BLOCK_N=_block_n(k.shape[2], R), BLOCK_D=max(16, triton_next_pow2(D)),
+            PACKED=packed, IEEE=q.dtype == torch.float32, num_warps=4,
+        )
+    else:
+        dq.zero_()
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops: opaque to torch.compile, with fake (shape) and autograd registrations
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("idflux::region_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, membership: torch.Tensor, ref_offsets: torch.Tensor,
+            tiles: Optional[torch.Tensor], perm: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_impl(q, k, v, membership, ref_offsets, tiles, perm, scale)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, membership, ref_offsets, tiles, perm, scale):
+    if tiles is not None:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
+    return torch.empty_like(q), lse
+
+
+@torch.library.custom_op("idflux::region_attention_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+            membership: torch.Tensor, ref_offsets: torch.Tensor, tiles: Optional[torch.Tensor], perm: Optional[torch.Tensor],
+            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, perm, scale)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, out, lse, membership, ref_offsets, tiles, perm, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, membership, ref_offsets, tiles, perm, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, membership, ref_offsets, tiles, perm)
+    ctx.scale = scale
+
+
+def _backward(ctx, d_out, d_lse):
+    q, k, v, out, lse, membership, ref_offsets, tiles, perm = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(d_out, q, k, v, out, lse, membership, ref_offsets, tiles, perm, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _kernel_ready(fn, q, membership):
+    if q.dtype not in _KERNEL_DTYPES:
+        _fail(fn, f"the Triton kernel takes fp32, fp16 or bf16, got {q.dtype}; cast q, k, v or use backend='torch'")
+    if not HAS_TRITON:
+        raise RuntimeError(f"{fn}: the Triton backend needs the triton package")
+    return membership if membership.dtype in (torch.int32, torch.int64) else membership.to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
 
 def region_attention(q, k, v, membership, ref_offsets, *, scale=None, backend="auto"):
     """Attention of image tokens to the identity tokens of the references whose box holds them.
 
     Args:
-        q: (B, H, Nq, D) image-token queries, fp32 / fp16 / bf16 (fp64 on the torch backend).
+        q: (B, H, Nq, D) image-token queries: fp32 / fp16 / bf16 (fp64 on the torch backend); any strides.
         k, v: (B, H, Nkv, D) identity tokens of up to R references laid end to end.
         membership: (B, Nq) integer bitmask; bit r set when token i lies in reference r's box.
         ref_offsets: (B, R+1) integer; reference r of image b owns keys
             [ref_offsets[b, r], ref_offsets[b, r+1]). An image with fewer references repeats its
-            last offset (empty spans).
+            last offset (empty spans). R <= 62.
         scale: softmax scale, default 1/sqrt(D).
-        backend: "auto" (Triton on CUDA, reference otherwise), "triton" or "torch".
+        backend: "auto" (Triton on CUDA, the reference otherwise), "triton" or "torch".
 
     Returns:
         (B, H, Nq, D) in q's dtype. Token i attends in one softmax to the union of the spans of its
@@ -102,8 +322,46 @@ def region_attention(q, k, v, membership, ref_offsets, *, scale=None, backend="a
         >>> region_attention(q, k, v, membership, offsets, backend="torch").shape
         torch.Size([1, 2, 5, 8])
     """
-    impl = resolve_backend("region_attention", backend, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"))
-    _check_inputs(q, k, v, membership, ref_offsets, scale, MAX_REFS_TORCH)
-    if impl == "triton":
-        raise NotImplementedError("region_attention: the Triton kernel is not built yet; use backend='torch'")
-    return region_attention_ref(q, k, v, membership, ref_offsets, scale)
+    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    impl = resolve_backend("region_attention", backend, device)
+    _check_inputs(q, k, v, membership, ref_offsets, scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if impl == "torch":
+        return region_attention_ref(q, k, v, membership, ref_offsets, scale)
+    membership = _kernel_ready("region_attention", q, membership)
+    return _fwd_op(q, k, v, membership, ref_offsets, None, None, scale)[0]
+
+
+def region_attention_packed(q, k, v, membership, image_index, ref_offsets, *, scale=None, backend="auto"):
+    """Region attention for in-box tokens only, packed across images (the engine's path).
+
+    Because the adapter's ``to_out`` has no bias, tokens outside every box receive exactly zero and
+    need no computing at all: the engine gathers the in-box tokens of all images into one (T, H, D)
+    tensor. Same semantics and kernel as :func:`region_attention`.
+
+    Args:
+        q: (T, H, D) queries of the packed tokens, in any image order.
+        k, v: (B, H, Nkv, D) identity tokens per image.
+        membership: (T,) integer bitmask of each packed token.
+        image_index: (T,) integer in [0, B): the image each token belongs to.
+        ref_offsets: (B, R+1) integer reference spans, as in :func:`region_attention`.
+
+    Returns:
+        (T, H, D) in q's dtype; differentiable in q, k and v.
+
+    Example:
+        >>> q = torch.randn(3, 2, 8); k = v = torch.randn(2, 2, 6, 8)
+        >>> out = region_attention_packed(q, k, v, torch.tensor([1, 2, 1]), torch.tensor([0, 1, 1]),
+        ...                               torch.tensor([[0, 3, 6], [0, 2, 6]]), backend="torch")
+        >>> out.shape
+        torch.Size([3, 2, 8])
+    """
+    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    impl = resolve_backend("region_attention_packed", backend, device)
+    _check_packed(q, k, v, membership, image_index, ref_offsets, scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if impl == "torch":
+        return region_attention_packed_ref(q, k, v, membership, image_index, ref_offsets, scale)
+    membership = _kernel_ready("region_attention_packed", q, membership)
+    perm, tiles = packed_tiles(image_index, k.shape[0])
+    return _fwd_op(q, k, v, membership, ref_offsets, tiles, perm, scale)[0]

@@ -52,10 +52,28 @@ def region_attention_ref(q, k, v, membership, ref_offsets, scale=None):
             outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale))  # (H, n_rows, D)
             rows_all.append(rows_t + b * Nq)
     out = q.new_zeros((B * Nq, H, D), dtype=acc)
+    if not outs and B:
+        # No token attends anywhere: keep the (all-zero) result in the autograd graph of q, k and v,
+        # so backward gives zero gradients instead of "does not require grad".
+        empty = (k[0, :, :0].sum() + v[0, :, :0].sum()).to(acc)
+        outs.append(q[0, :, :0].to(acc) + empty)
+        rows_all.append(torch.zeros(0, dtype=torch.long, device=q.device))
     if outs:
         o = torch.cat(outs, dim=1).transpose(0, 1)  # (rows, H, D)
         out = out.index_copy(0, torch.cat(rows_all), o)
     return out.view(B, Nq, H, D).transpose(1, 2).to(q.dtype)
+
+
+def region_attention_packed_ref(q, k, v, membership, image_index, ref_offsets, scale=None):
+    """Reference of the packed form: q (T, H, D) in-box tokens of several images, membership (T,),
+    image_index (T,); k, v (B, H, Nkv, D). Returns (T, H, D)."""
+    out = torch.zeros_like(q, dtype=torch.promote_types(q.dtype, torch.float32))
+    for b in image_index.unique().tolist():
+        rows = (image_index == b).nonzero().squeeze(1)
+        qb = q[rows].transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
+        ob = region_attention_ref(qb, k[b : b + 1], v[b : b + 1], membership[rows].unsqueeze(0), ref_offsets[b : b + 1], scale)
+        out = out.index_copy(0, rows, ob[0].transpose(0, 1).to(out.dtype))
+    return out.to(q.dtype)
 
 
 def dense_mask_from_membership(membership, ref_offsets, n_kv: int):

@@ -182,3 +182,176 @@ def test_default_scale_is_inverse_sqrt_d():
     a = region_attention(q, k, v, mem, offs, backend="torch")
     b = region_attention(q, k, v, mem, offs, scale=1 / math.sqrt(16), backend="torch")
     assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel: interpreter on CPU (small shapes), compiled on CUDA (larger shapes, low precision)
+# ---------------------------------------------------------------------------------------------
+
+from idflux.kernels import region_attention_packed  # noqa: E402
+from idflux.kernels._backend import INTERPRET  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+TRITON_DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if CUDA else [])
+needs_triton = pytest.mark.skipif(not TRITON_DEVICES, reason="no CUDA device and TRITON_INTERPRET is off")
+
+
+def nan_padded(t, pad_rows=5, pad_cols=3):
+    """Same values as t (..., N, D) inside a NaN-filled buffer (..., N+pad_rows, D+pad_cols):
+    any out-of-bounds read of the kernel turns into NaN in the result."""
+    *lead, n, d = t.shape
+    buf = torch.full((*lead, n + pad_rows, d + pad_cols), float("nan"), dtype=t.dtype, device=t.device)
+    buf[..., :n, :d] = t
+    return buf[..., :n, :d]
+
+
+def garbage_padded_membership(mem):
+    buf = torch.full((mem.shape[0], mem.shape[1] + 7), -1, dtype=mem.dtype, device=mem.device)
+    buf[:, : mem.shape[1]] = mem
+    return buf[:, : mem.shape[1]]
+
+
+def check_kernel_vs_reference(q, k, v, mem, offs, *, atol, rtol, grad_atol=None, label=""):
+    grad_atol = grad_atol or atol
+    q, k, v = (nan_padded(t).requires_grad_() for t in (q, k, v))
+    mem = garbage_padded_membership(mem)
+    out = region_attention(q, k, v, mem, offs, backend="triton")
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = region_attention(qr, kr, vr, mem, offs, backend="torch")
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol, msg=lambda m: f"{label} out: {m}")
+    grad_out = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype))
+    want = torch.autograd.grad(ref, (qr, kr, vr), grad_out)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert torch.isfinite(g).all(), f"{label} {name} has NaN/inf"
+        torch.testing.assert_close(g.double(), w, atol=grad_atol, rtol=rtol, msg=lambda m, n=name: f"{label} {n}: {m}")
+    empty = mem == 0
+    assert torch.equal(out.transpose(1, 2)[empty], torch.zeros_like(out.transpose(1, 2)[empty])), f"{label} out on masked rows"
+    assert torch.equal(got[0].transpose(1, 2)[empty], torch.zeros_like(got[0].transpose(1, 2)[empty])), f"{label} dq on masked rows"
+
+
+KERNEL_SHAPES = [
+    (1, 1, 1, 16, [[3]]),
+    (1, 2, 7, 16, [[5, 2]]),
+    (2, 1, 113, 32, [[8, 8, 8, 8], [8, 8]]),
+    (1, 1, 263, 64, [[17, 0, 9]]),     # a reference with zero tokens
+    (1, 1, 70, 64, [[264, 264]]),       # SigLIP-sized spans, Nkv not a multiple of the block
+    (1, 1, 40, 128, [[7, 30, 1]]),      # head dim 128
+    (1, 1, 9, 24, [[5, 5]]),            # head dim not a power of two
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("B,H,Nq,D,spans", KERNEL_SHAPES)
+def test_kernel_matches_reference_fp32(B, H, Nq, D, spans):
+    q, k, v, mem, offs = random_case(B, H, Nq, D, spans)
+    check_kernel_vs_reference(q, k, v, mem, offs, atol=2e-5, rtol=1e-4, label=f"{(B, H, Nq, D, spans)}")
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["none", "all", "empty_ref_only", "overlap_all"])
+def test_kernel_edge_memberships(case):
+    q, k, v, mem, offs = random_case(2, 2, 37, 16, [[5, 20, 0], [9, 3, 3]])
+    if case == "none":
+        mem.zero_()
+    elif case == "all":
+        mem.fill_(0b111)
+    elif case == "empty_ref_only":
+        mem[0].fill_(0b100)  # image 0's reference 2 owns no keys
+    else:
+        mem[:, ::2] = 0b011
+    check_kernel_vs_reference(q, k, v, mem, offs, atol=2e-5, rtol=1e-4, label=case)
+
+
+@needs_triton
+def test_kernel_1023_tokens():
+    q, k, v, mem, offs = random_case(1, 1, 1023, 16, [[11, 6]])
+    check_kernel_vs_reference(q, k, v, mem, offs, atol=2e-5, rtol=1e-4, label="1023")
+
+
+@needs_triton
+def test_kernel_randomized_sweep():
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(200):
+        B = int(torch.randint(1, 3, (1,), generator=gen))
+        R = int(torch.randint(1, 5, (1,), generator=gen))
+        spans = [torch.randint(0, 40, (R,), generator=gen).tolist() for _ in range(B)]
+        Nq = int(torch.randint(1, 90, (1,), generator=gen))
+        D = [16, 32, 64, 8][trial % 4]
+        p = float(torch.rand(1, generator=gen))
+        q, k, v, mem, offs = random_case(B, 1, Nq, D, spans, p_in=p, gen=gen)
+        check_kernel_vs_reference(q, k, v, mem, offs, atol=3e-5, rtol=1e-4, label=f"trial {trial} {spans} Nq={Nq} D={D}")
+
+
+@needs_triton
+def test_packed_matches_dense_and_reference():
+    q, k, v, mem, offs = random_case(3, 2, 50, 16, [[6, 9], [4, 4], [12, 0]])
+    mem[1, :20] = 0
+    dense = region_attention(q, k, v, mem, offs, backend="torch")
+    b_idx, t_idx = (mem != 0).nonzero(as_tuple=True)
+    shuffle = torch.randperm(b_idx.numel())  # packed tokens in any image order
+    b_idx, t_idx = b_idx[shuffle], t_idx[shuffle]
+    qp = q[b_idx, :, t_idx].clone().requires_grad_()  # (T, H, D)
+    kk, vv = k.clone().requires_grad_(), v.clone().requires_grad_()
+    out = region_attention_packed(qp, kk, vv, mem[b_idx, t_idx], b_idx, offs, backend="triton")
+    torch.testing.assert_close(out, dense[b_idx, :, t_idx], atol=2e-5, rtol=1e-4, msg="packed out vs dense")
+    qr, kr, vr = (t.detach().clone().requires_grad_() for t in (qp, kk, vv))
+    ref = region_attention_packed(qr, kr, vr, mem[b_idx, t_idx], b_idx, offs, backend="torch")
+    g = torch.randn_like(ref)
+    for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(out, (qp, kk, vv), g), torch.autograd.grad(ref, (qr, kr, vr), g)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
+
+
+@needs_triton
+def test_packed_bad_image_index():
+    q, k, v, mem, offs = random_case(2, 1, 4, 16, [[3], [2]])
+    with pytest.raises(ValueError, match="image_index"):
+        region_attention_packed(q[0, 0].unsqueeze(1), k, v, mem[0], torch.tensor([0, 1, 2, 0]), offs, backend="triton")
+
+
+@needs_triton
+def test_custom_op_registration_and_compile():
+    dev = TRITON_DEVICES[0]
+    q, k, v, mem, offs = random_case(1, 2, 20, 16, [[5, 7]], device=dev)
+    from idflux.kernels.region_attention import _fwd_op
+
+    torch.library.opcheck(_fwd_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mem, offs, None, None, 0.25),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    fn = torch.compile(lambda a, b, c: region_attention(a, b, c, mem, offs, backend="triton") * 2, backend="aot_eager", fullgraph=False)
+    out = fn(q, k, v)
+    out.sum().backward()
+    torch.testing.assert_close(out, 2 * region_attention(q, k, v, mem, offs, backend="torch"), atol=2e-5, rtol=1e-4)
+
+
+def test_triton_backend_without_interpreter_is_a_clear_error(monkeypatch):
+    from idflux.kernels import _backend
+
+    monkeypatch.setattr(_backend, "INTERPRET", False)
+    q, k, v, mem, offs = random_case(1, 1, 3, 8, [[2]])
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        region_attention(q, k, v, mem, offs, backend="triton")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("Nq,D,spans", [(1024, 64, [[264] * 4]), (4097, 64, [[8] * 4]), (147, 128, [[100, 3, 0, 37]]), (1023, 64, [[264, 264]])])
+def test_kernel_low_precision_cuda(dtype, Nq, D, spans):
+    q, k, v, mem, offs = random_case(2, 4, Nq, D, spans * 2, dtype=torch.float32, device="cuda")
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    low = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out_ref = region_attention(*ref, mem, offs, backend="torch")
+    lowt = [t.detach().requires_grad_() for t in low]
+    out_torch_low = region_attention(*lowt, mem, offs, backend="torch")
+    out = region_attention(*low, mem, offs, backend="triton")
+    g = torch.randn_like(out_ref)
+    err_kernel = (out.double() - out_ref).abs().max().item()
+    err_torch = (out_torch_low.double() - out_ref).abs().max().item()
+    assert err_kernel <= 2 * err_torch + 1e-6, f"out: kernel error {err_kernel} > 2x torch {dtype} error {err_torch}"
+    want = torch.autograd.grad(out_ref, ref, g)
+    got = torch.autograd.grad(out, low, g.to(dtype))
+    base = torch.autograd.grad(out_torch_low, lowt, g.to(dtype))
+    for name, a, b, w in zip(("dq", "dk", "dv"), got, base, want):
+        ek, et = (a.double() - w).abs().max().item(), (b.double() - w).abs().max().item()
+        assert ek <= 3 * et + 1e-5, f"{name}: kernel error {ek} > 3x torch {dtype} error {et}"
+    empty = mem == 0
+    assert (out.transpose(1, 2)[empty] == 0).all() and (got[0].transpose(1, 2)[empty] == 0).all()
