@@ -192,8 +192,9 @@ from idflux.kernels import region_attention_packed  # noqa: E402
 from idflux.kernels._backend import INTERPRET  # noqa: E402
 
 CUDA = torch.cuda.is_available()
-TRITON_DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if CUDA else [])
-needs_triton = pytest.mark.skipif(not TRITON_DEVICES, reason="no CUDA device and TRITON_INTERPRET is off")
+# The kernel tests run where Triton runs: compiled on CUDA, else interpreted on the CPU.
+KDEV = "cuda" if CUDA else "cpu"
+needs_triton = pytest.mark.skipif(not (CUDA or INTERPRET), reason="no CUDA device and TRITON_INTERPRET is off")
 
 
 def nan_padded(t, pad_rows=5, pad_cols=3):
@@ -244,14 +245,14 @@ KERNEL_SHAPES = [
 @needs_triton
 @pytest.mark.parametrize("B,H,Nq,D,spans", KERNEL_SHAPES)
 def test_kernel_matches_reference_fp32(B, H, Nq, D, spans):
-    q, k, v, mem, offs = random_case(B, H, Nq, D, spans)
+    q, k, v, mem, offs = random_case(B, H, Nq, D, spans, device=KDEV)
     check_kernel_vs_reference(q, k, v, mem, offs, atol=2e-5, rtol=1e-4, label=f"{(B, H, Nq, D, spans)}")
 
 
 @needs_triton
 @pytest.mark.parametrize("case", ["none", "all", "empty_ref_only", "overlap_all"])
 def test_kernel_edge_memberships(case):
-    q, k, v, mem, offs = random_case(2, 2, 37, 16, [[5, 20, 0], [9, 3, 3]])
+    q, k, v, mem, offs = random_case(2, 2, 37, 16, [[5, 20, 0], [9, 3, 3]], device=KDEV)
     if case == "none":
         mem.zero_()
     elif case == "all":
@@ -265,7 +266,7 @@ def test_kernel_edge_memberships(case):
 
 @needs_triton
 def test_kernel_1023_tokens():
-    q, k, v, mem, offs = random_case(1, 1, 1023, 16, [[11, 6]])
+    q, k, v, mem, offs = random_case(1, 1, 1023, 16, [[11, 6]], device=KDEV)
     check_kernel_vs_reference(q, k, v, mem, offs, atol=2e-5, rtol=1e-4, label="1023")
 
 
@@ -279,13 +280,13 @@ def test_kernel_randomized_sweep():
         Nq = int(torch.randint(1, 90, (1,), generator=gen))
         D = [16, 32, 64, 8][trial % 4]
         p = float(torch.rand(1, generator=gen))
-        q, k, v, mem, offs = random_case(B, 1, Nq, D, spans, p_in=p, gen=gen)
+        q, k, v, mem, offs = random_case(B, 1, Nq, D, spans, p_in=p, gen=gen, device=KDEV)
         check_kernel_vs_reference(q, k, v, mem, offs, atol=3e-5, rtol=1e-4, label=f"trial {trial} {spans} Nq={Nq} D={D}")
 
 
 @needs_triton
 def test_packed_matches_dense_and_reference():
-    q, k, v, mem, offs = random_case(3, 2, 50, 16, [[6, 9], [4, 4], [12, 0]])
+    q, k, v, mem, offs = random_case(3, 2, 50, 16, [[6, 9], [4, 4], [12, 0]], device=KDEV)
     mem[1, :20] = 0
     dense = region_attention(q, k, v, mem, offs, backend="torch")
     b_idx, t_idx = (mem != 0).nonzero(as_tuple=True)
@@ -304,15 +305,14 @@ def test_packed_matches_dense_and_reference():
 
 @needs_triton
 def test_packed_bad_image_index():
-    q, k, v, mem, offs = random_case(2, 1, 4, 16, [[3], [2]])
+    q, k, v, mem, offs = random_case(2, 1, 4, 16, [[3], [2]], device=KDEV)
     with pytest.raises(ValueError, match="image_index"):
         region_attention_packed(q[0, 0].unsqueeze(1), k, v, mem[0], torch.tensor([0, 1, 2, 0]), offs, backend="triton")
 
 
 @needs_triton
 def test_custom_op_registration_and_compile():
-    dev = TRITON_DEVICES[0]
-    q, k, v, mem, offs = random_case(1, 2, 20, 16, [[5, 7]], device=dev)
+    q, k, v, mem, offs = random_case(1, 2, 20, 16, [[5, 7]], device=KDEV)
     from idflux.kernels.region_attention import _fwd_op
 
     torch.library.opcheck(_fwd_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mem, offs, None, None, 0.25),
