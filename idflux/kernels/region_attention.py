@@ -34,10 +34,13 @@ def _fail(fn: str, msg: str):
     raise ValueError(f"{fn}: {msg}")
 
 
-def _check_common(fn, q, k, v, membership, ref_offsets, scale, H, D):
-    for name, t in (("q", q), ("k", k), ("v", v), ("membership", membership), ("ref_offsets", ref_offsets)):
+def _check_tensors(fn, **tensors):
+    for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_common(fn, q, k, v, membership, ref_offsets, scale, H, D):
     for name, t in (("k", k), ("v", v)):
         if t.dim() != 4:
             _fail(fn, f"{name} must be 4-D (B, H, Nkv, D), got shape {tuple(t.shape)}")
@@ -82,9 +85,10 @@ def _check_common(fn, q, k, v, membership, ref_offsets, scale, H, D):
 
 def _check_inputs(q, k, v, membership, ref_offsets, scale):
     fn = "region_attention"
-    if isinstance(q, torch.Tensor) and q.dim() != 4:
+    _check_tensors(fn, q=q, k=k, v=v, membership=membership, ref_offsets=ref_offsets)
+    if q.dim() != 4:
         _fail(fn, f"q must be 4-D (B, H, Nq, D), got shape {tuple(q.shape)}")
-    if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and k.dim() == 4 and k.shape[0] != q.shape[0]:
+    if k.dim() == 4 and k.shape[0] != q.shape[0]:
         _fail(fn, f"k must be (B={q.shape[0]}, H, Nkv, D) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
     _check_common(fn, q, k, v, membership, ref_offsets, scale, q.shape[1], q.shape[3])
     if membership.shape != (q.shape[0], q.shape[2]):
@@ -93,14 +97,15 @@ def _check_inputs(q, k, v, membership, ref_offsets, scale):
 
 def _check_packed(q, k, v, membership, image_index, ref_offsets, scale):
     fn = "region_attention_packed"
-    if isinstance(q, torch.Tensor) and q.dim() != 3:
+    _check_tensors(fn, q=q, k=k, v=v, membership=membership, image_index=image_index, ref_offsets=ref_offsets)
+    if q.dim() != 3:
         _fail(fn, f"q must be 3-D (T, H, D) (in-box tokens of all images), got shape {tuple(q.shape)}")
     _check_common(fn, q, k, v, membership, ref_offsets, scale, q.shape[1], q.shape[2])
     T = q.shape[0]
     if membership.shape != (T,):
         _fail(fn, f"membership must be (T,) = ({T},), got {tuple(membership.shape)}")
-    if not isinstance(image_index, torch.Tensor) or image_index.dtype not in _INT_DTYPES:
-        _fail(fn, f"image_index must be an integer tensor, got {getattr(image_index, 'dtype', type(image_index).__name__)}")
+    if image_index.dtype not in _INT_DTYPES:
+        _fail(fn, f"image_index must be an integer tensor, got {image_index.dtype}")
     if image_index.shape != (T,):
         _fail(fn, f"image_index must be (T,) = ({T},), got {tuple(image_index.shape)}")
     if image_index.device != q.device:

@@ -355,3 +355,24 @@ def test_kernel_low_precision_cuda(dtype, Nq, D, spans):
         assert ek <= 3 * et + 1e-5, f"{name}: kernel error {ek} > 3x torch {dtype} error {et}"
     empty = mem == 0
     assert (out.transpose(1, 2)[empty] == 0).all() and (got[0].transpose(1, 2)[empty] == 0).all()
+
+
+def test_non_tensor_input_is_a_type_error():
+    a = _inputs()
+    with pytest.raises(TypeError, match="membership must be a torch.Tensor"):
+        region_attention(a["q"], a["k"], a["v"], [[1, 2, 0, 0, 1, 3]], a["ref_offsets"], backend="torch")
+
+
+def test_packed_reference_bad_shapes():
+    q, k, v, mem, offs = random_case(2, 1, 4, 8, [[3], [2]])
+    qp = q[0].transpose(0, 1)  # (4, 1, 8)
+    with pytest.raises(ValueError, match=r"q must be 3-D"):
+        region_attention_packed(q, k, v, mem[0], torch.tensor([0, 1, 1, 0]), offs, backend="torch")
+    with pytest.raises(ValueError, match=r"membership must be \(T,\)"):
+        region_attention_packed(qp, k, v, mem, torch.tensor([0, 1, 1, 0]), offs, backend="torch")
+    with pytest.raises(ValueError, match=r"image_index must be \(T,\)"):
+        region_attention_packed(qp, k, v, mem[0], torch.tensor([0, 1]), offs, backend="torch")
+    with pytest.raises(ValueError, match="image_index must lie in"):
+        region_attention_packed(qp, k, v, mem[0], torch.tensor([0, 1, 2, 0]), offs, backend="torch")
+    with pytest.raises(ValueError, match="image_index must be an integer"):
+        region_attention_packed(qp, k, v, mem[0], torch.tensor([0.0, 1, 1, 0]), offs, backend="torch")
