@@ -1,0 +1,107 @@
+"""Benchmark of ``cosine_infonce``: per-row negatives gathered by index from a gallery bank.
+
+Providers:
+- ``triton``: the public ``cosine_infonce(backend="triton")`` (CUDA only; includes the argument
+  checks, whose neg_index range check is one host sync per call).
+- ``ref``: the PyTorch reference (gathers an fp32 (N, M, D) tensor).
+- ``gathered_ce``: the released way: gather negatives[neg_index] into an (N, M, D) tensor in the
+  input dtype (timed), ``F.normalize`` + ``bmm`` + ``F.cross_entropy`` on fp32 logits.
+- ``compile_ref``: ``torch.compile(cosine_infonce_ref, dynamic=True)`` (CUDA only: on the CPU the
+  first compile takes ~15 s on 2 cores, too long for the CPU demo).
+
+Modes fwd, bwd, fwd+bwd (gradients to g and pos). CUDA sweep: N in {8, 64, 256}, M in
+{4096, 65536}, D = 512, bf16 and fp32, gallery of K = max(2M, 8192) rows. Providers that gather
+are left out where the fp32 (N, M, D) tensor would pass 12 GiB (N = 256, M = 65536): they would
+not fit an 80 GB card with their backward. bytes = bank rows read (N*M*D*elt) + g and pos
+(+ their gradients for fwd+bwd); flops = 2*N*M*D per pass over the candidates (similarities in
+the forward, the softmax-weighted sum in the backward).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from idflux.bench_perf.harness import MODES, Case, mode_fns
+from idflux.kernels import _backend
+from idflux.kernels.cosine_infonce import cosine_infonce
+from idflux.kernels.cosine_infonce_ref import EPS, cosine_infonce_ref
+
+OP = "cosine_infonce"
+TAU = 0.1
+SUMMARY = [("ref", "gathered_ce"), ("triton", "gathered_ce"), ("triton", "compile_ref")]
+GATHER_LIMIT_BYTES = 12 * 2**30
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def gathered_ce(g, pos, negatives, neg_index, tau=TAU):
+    """The released formulation: an explicit (N, M, D) negatives tensor, normalise, bmm, cross-entropy."""
+    negs = F.normalize(negatives[neg_index], dim=-1, eps=EPS)  # (N, M, D)
+    u = F.normalize(g, dim=-1, eps=EPS)
+    v = F.normalize(pos, dim=-1, eps=EPS)
+    s_pos = (u * v).sum(-1, keepdim=True)
+    s_neg = torch.bmm(negs, u[:, :, None]).squeeze(-1)
+    logits = torch.cat([s_pos, s_neg], dim=1).float() / tau
+    return F.cross_entropy(logits, torch.zeros(g.shape[0], dtype=torch.long, device=g.device))
+
+
+_compiled_ref = None
+
+
+def _compile_ref():
+    global _compiled_ref  # one compiled graph per dtype for the whole sweep (dynamic shapes)
+    if _compiled_ref is None:
+        _compiled_ref = torch.compile(cosine_infonce_ref, dynamic=True)
+    return _compiled_ref
+
+
+def _sizes(device: torch.device, quick: bool):
+    """(N, M, D, dtype name) of the sweep."""
+    if device.type == "cuda":
+        Ns, Ms, dts = ((8, 64), (4096,), ("bf16",)) if quick else ((8, 64, 256), (4096, 65536), ("bf16", "fp32"))
+        return [(N, M, 512, dt) for dt in dts for M in Ms for N in Ns]
+    if quick:
+        return [(4, 256, 64, "fp32")]
+    return [(8, 4096, 512, "fp32"), (64, 1024, 512, "fp32")]
+
+
+def _providers(device: torch.device, gathered_fp32_bytes: int) -> list[str]:
+    out = []
+    if device.type == "cuda" and _backend.triton_usable(device):
+        out.append("triton")
+    if gathered_fp32_bytes <= GATHER_LIMIT_BYTES:
+        out += ["ref", "gathered_ce"] + (["compile_ref"] if device.type == "cuda" else [])
+    return out
+
+
+def cases(device: torch.device, quick: bool) -> Iterator[Case]:
+    """Yield the Cases of one size and provider at a time (their tensors are freed before the next)."""
+    for N, M, D, dt in _sizes(device, quick):
+        dtype = _DTYPES[dt]
+        K = max(2 * M, 8192)
+        gen = torch.Generator(device=device).manual_seed(0)
+        pos = torch.randn(N, D, device=device, generator=gen).to(dtype)
+        g = (pos.float() + torch.randn(N, D, device=device, generator=gen)).to(dtype).requires_grad_()
+        pos.requires_grad_()
+        bank = torch.randn(K, D, device=device, generator=gen).to(dtype)
+        neg_index = torch.randint(0, K, (N, M), device=device, generator=gen)
+        elt = bank.element_size()
+        io = 2 * N * D * elt
+        shape = {"N": N, "M": M, "D": D, "K": K}
+        forwards = {
+            "triton": lambda: cosine_infonce(g, pos, bank, neg_index=neg_index, tau=TAU, backend="triton"),
+            "ref": lambda: cosine_infonce_ref(g, pos, bank, neg_index=neg_index, tau=TAU),
+            "gathered_ce": lambda: gathered_ce(g, pos, bank, neg_index),
+            "compile_ref": lambda: _compile_ref()(g, pos, bank, neg_index=neg_index, tau=TAU),
+        }
+        for provider in _providers(device, N * M * D * 4):
+            fns = mode_fns(forwards[provider], [g, pos])
+            for mode in MODES:
+                passes = 2 if mode == "fwd+bwd" else 1
+                nbytes = None if mode == "bwd" else N * M * D * elt + io * passes
+                yield Case(op=OP, provider=provider, mode=mode, shape=shape, dtype=dt, fn=fns[mode],
+                           flops=2.0 * N * M * D * passes, bytes=nbytes,
+                           note="neg_index into a gallery bank; tau=0.1")
+            del fns

@@ -1,0 +1,350 @@
+"""Fused cosine InfoNCE over a negative bank (the WithAnyone contrastive loss).
+
+    loss_n = -log( exp(s_pos) / (exp(s_pos) + sum_j exp(s_neg_j)) ) = logsumexp([s_pos, s_negs]) - s_pos
+    s = cos(., .) / tau,   cos(a, b) = <a / max(||a||, 1e-6), b / max(||b||, 1e-6)>
+
+Layers: ``_cosine_infonce_fwd_kernel`` (one pass over the candidates of one row, split across
+programs) -> ``_cosine_infonce_merge_kernel`` (flash-decoding merge of the partial max / sum-exp /
+weighted sums, loss and the gradient to g) -> launcher ``_cosine_infonce_triton`` ->
+``CosineInfoNCEFunction`` -> ``cosine_infonce``. The PyTorch reference is
+:func:`idflux.kernels.cosine_infonce_ref.cosine_infonce_ref`.
+
+Like Liger's fused cross-entropy, the gradient is produced in the forward: the pass that computes
+a row's log-sum-exp also accumulates sum_j p_j * n_j (the softmax-weighted normalised candidates),
+which is all d loss_n / d g_n needs, so the backward never reads the bank again; it only scales by
+the upstream gradient (plus an (N, N) product for the in-batch negatives' share of d/d pos).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+
+import torch
+import triton
+import triton.language as tl
+
+from idflux.kernels import _backend
+from idflux.kernels._backend import resolve_backend
+from idflux.kernels.cosine_infonce_ref import EPS, cosine_infonce_ref
+
+REDUCTIONS = ("mean", "sum", "none")
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+@triton.jit
+def _cosine_infonce_fwd_kernel(
+    g_ptr, pos_ptr, bank_ptr, idx_ptr, ids_ptr, nid_ptr,
+    part_m_ptr, part_l_ptr, part_acc_ptr, s_ib_ptr,
+    stride_gn, stride_gd, stride_pn, stride_pd, stride_bk, stride_bd,
+    stride_in, stride_im, stride_ids, stride_nid,
+    N, M, D, C, TILES_PER_SPLIT, SPLITS, inv_tau, eps,
+    HAS_INDEX: tl.constexpr, IN_BATCH: tl.constexpr, HAS_IDS: tl.constexpr, HAS_NEG_IDS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (row, split): candidates [split * TILES_PER_SPLIT * BLOCK_M, ...) of row ``row``.
+
+    Candidate j < M is a bank entry (negatives[j], or negatives[neg_index[row, j]]); M <= j < C is
+    the in-batch positive pos[j - M]. Writes the partial max, sum of exp and the exp-weighted sum
+    of normalised candidates; with IN_BATCH also the in-batch logits (-inf where excluded).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+
+    gx = tl.load(g_ptr + row * stride_gn + d * stride_gd, mask=dmask, other=0.0).to(tl.float32)
+    u = gx / tl.maximum(tl.sqrt(tl.sum(gx * gx, 0)), eps)
+    if HAS_IDS:
+        my_id = tl.load(ids_ptr + row * stride_ids).to(tl.int64)
+
+    m_i = -1.0e30  # finite "no candidate yet" max: exp(-1e30 - m) is exactly 0, never NaN
+    l_i = 0.0
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    start = split * TILES_PER_SPLIT * BLOCK_M
+    for t in range(0, TILES_PER_SPLIT):
+        j = start + t * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_bank = j < M
+        keep = j < C
+        if HAS_INDEX:
+            brow = tl.load(idx_ptr + row * stride_in + j.to(tl.int64) * stride_im, mask=in_bank, other=0).to(tl.int64)
+        else:
+            brow = j.to(tl.int64)
+        x = tl.load(bank_ptr + brow[:, None] * stride_bk + d[None, :] * stride_bd,
+                    mask=in_bank[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        if HAS_NEG_IDS:
+            nid = tl.load(nid_ptr + brow * stride_nid, mask=in_bank, other=0).to(tl.int64)
+            keep = keep & ((j >= M) | (nid != my_id))
+        if IN_BATCH:
+            in_ib = keep & (j >= M)
+            prow = (j - M).to(tl.int64)  # negative on bank lanes, which are masked
+            x += tl.load(pos_ptr + prow[:, None] * stride_pn + d[None, :] * stride_pd,
+                         mask=in_ib[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            ib_keep = prow != row
+            if HAS_IDS:
+                pid = tl.load(ids_ptr + prow * stride_ids, mask=in_ib, other=0).to(tl.int64)
+                ib_keep = ib_keep & (pid != my_id)
+            keep = keep & ((j < M) | ib_keep)
+        inv_n = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), eps)
+        s = tl.sum(x * u[None, :], 1) * inv_n * inv_tau
+        s = tl.where(keep, s, float("-inf"))
+        if IN_BATCH:
+            tl.store(s_ib_ptr + row * N + prow, s, mask=in_ib)
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.where(keep, tl.exp(s - m_new), 0.0)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum((p * inv_n)[:, None] * x, 0)
+        m_i = m_new
+
+    out = row * SPLITS + split
+    tl.store(part_m_ptr + out, m_i)
+    tl.store(part_l_ptr + out, l_i)
+    tl.store(part_acc_ptr + out * D + d, acc, mask=dmask)
+
+
+@triton.jit
+def _cosine_infonce_merge_kernel(
+    g_ptr, pos_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    loss_ptr, lse_ptr, ppos_ptr, u_ptr, dg_ptr,
+    stride_gn, stride_gd, stride_pn, stride_pd,
+    D, SPLITS, inv_tau, eps,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program row: merge the row's partials with the positive; loss, LSE, p_pos and d loss / d g."""
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    gx = tl.load(g_ptr + row * stride_gn + d * stride_gd, mask=dmask, other=0.0).to(tl.float32)
+    g_norm = tl.sqrt(tl.sum(gx * gx, 0))
+    u = gx / tl.maximum(g_norm, eps)
+    px = tl.load(pos_ptr + row * stride_pn + d * stride_pd, mask=dmask, other=0.0).to(tl.float32)
+    v = px / tl.maximum(tl.sqrt(tl.sum(px * px, 0)), eps)
+    s_pos = tl.sum(u * v, 0) * inv_tau
+
+    sp = tl.arange(0, BLOCK_S)
+    pm = tl.load(part_m_ptr + row * SPLITS + sp, mask=sp < SPLITS, other=-1.0e30)
+    pl = tl.load(part_l_ptr + row * SPLITS + sp, mask=sp < SPLITS, other=0.0)
+    m_all = tl.maximum(tl.max(pm, 0), s_pos)
+    e_pos = tl.exp(s_pos - m_all)
+    l_tot = tl.sum(pl * tl.exp(pm - m_all), 0) + e_pos
+    acc = e_pos * v
+    for k in range(0, SPLITS):
+        mk = tl.load(part_m_ptr + row * SPLITS + k)
+        acc += tl.exp(mk - m_all) * tl.load(part_acc_ptr + (row * SPLITS + k) * D + d, mask=dmask, other=0.0)
+    lse = m_all + tl.log(l_tot)
+    # d loss_n / d u_n = (sum_k p_k c_k - v) / tau over all candidates c_k, the positive included;
+    # then through u = g / max(||g||, eps) (below eps the clamp passes no gradient to the norm).
+    du = (acc / l_tot - v) * inv_tau
+    proj = tl.where(g_norm >= eps, u * tl.sum(u * du, 0), 0.0)
+    dg = (du - proj) / tl.maximum(g_norm, eps)
+
+    tl.store(loss_ptr + row, lse - s_pos)
+    tl.store(lse_ptr + row, lse)
+    tl.store(ppos_ptr + row, tl.exp(s_pos - lse))
+    tl.store(u_ptr + row * D + d, u, mask=dmask)
+    tl.store(dg_ptr + row * D + d, dg, mask=dmask)
+
+
+def _normalize_backward(x: torch.Tensor, dxhat: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gradient through x / max(||x||, eps) (rows), matching autograd of the clamp_min form."""
+    n = x.norm(dim=-1, keepdim=True)
+    xhat = x / n.clamp_min(eps)
+    proj = torch.where(n >= eps, xhat * (xhat * dxhat).sum(-1, keepdim=True), torch.zeros_like(xhat))
+    return (dxhat - proj) / n.clamp_min(eps)
+
+
+def _launch_config(N: int, C: int, D: int, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_D, tiles_per_split, splits, num_warps) for N rows of C candidates of dim D."""
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    if _backend.INTERPRET:
+        # The interpreter pays per program and per op, not per element: big tiles, few programs
+        # (still several splits per row for small N, so the merge is exercised).
+        BLOCK_M, target_programs, num_warps = 64, 16, 4
+    else:
+        BLOCK_M = max(8, min(128, 8192 // BLOCK_D))
+        target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        num_warps = 8 if BLOCK_D >= 1024 else 4
+    n_tiles = triton.cdiv(C, BLOCK_M)
+    splits = max(1, min(triton.cdiv(target_programs, N), n_tiles))
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    splits = max(1, triton.cdiv(n_tiles, tiles_per_split)) if n_tiles else 1
+    return BLOCK_M, BLOCK_D, tiles_per_split, splits, num_warps
+
+
+def _cosine_infonce_triton(g, pos, negatives, neg_index, ids, neg_ids, tau, in_batch):
+    """Launch both kernels. Returns (loss (N,), lse (N,), p_pos (N,), u (N, D), dg (N, D), s_ib (N, N) | None)."""
+    N, D = g.shape
+    M = neg_index.shape[1] if neg_index is not None else negatives.shape[0]
+    C = M + (N if in_batch else 0)
+    dev = g.device
+    BLOCK_M, BLOCK_D, tiles_per_split, splits, num_warps = _launch_config(N, C, D, dev)
+    f32 = dict(device=dev, dtype=torch.float32)
+    part_m = torch.empty(N, splits, **f32)
+    part_l = torch.empty(N, splits, **f32)
+    part_acc = torch.empty(N, splits, D, **f32)
+    s_ib = torch.empty(N, N, **f32) if in_batch else part_m  # every (n, m) entry is written
+    idx = neg_index if neg_index is not None else g  # unused pointer when the flag is off
+    ids_t = ids if ids is not None else g
+    nid_t = neg_ids if neg_ids is not None else g
+    inv_tau = 1.0 / tau
+    _cosine_infonce_fwd_kernel[(N, splits)](
+        g, pos, negatives, idx, ids_t, nid_t,
+        part_m, part_l, part_acc, s_ib,
+        g.stride(0), g.stride(1), pos.stride(0), pos.stride(1), negatives.stride(0), negatives.stride(1),
+        idx.stride(0), idx.stride(1) if idx.dim() > 1 else 0, ids_t.stride(0), nid_t.stride(0),
+        N, M, D, C, tiles_per_split, splits, inv_tau, EPS,
+        HAS_INDEX=neg_index is not None, IN_BATCH=in_batch, HAS_IDS=ids is not None,
+        HAS_NEG_IDS=neg_ids is not None, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=num_warps,
+    )
+    loss = torch.empty(N, **f32)
+    lse = torch.empty(N, **f32)
+    p_pos = torch.empty(N, **f32)
+    u = torch.empty(N, D, **f32)
+    dg = torch.empty(N, D, **f32)
+    _cosine_infonce_merge_kernel[(N,)](
+        g, pos, part_m, part_l, part_acc,
+        loss, lse, p_pos, u, dg,
+        g.stride(0), g.stride(1), pos.stride(0), pos.stride(1),
+        D, splits, inv_tau, EPS,
+        BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=BLOCK_D, num_warps=num_warps,
+    )
+    return loss, lse, p_pos, u, dg, (s_ib if in_batch else None)
+
+
+class CosineInfoNCEFunction(torch.autograd.Function):
+    """Per-row loss (N,) fp32 from the Triton kernels; gradients to g and pos (negatives: none)."""
+
+    @staticmethod
+    def forward(ctx, g, pos, negatives, neg_index, ids, neg_ids, tau, in_batch):
+        # Triton launches on the current CUDA device: make it the inputs' one.
+        with torch.cuda.device(g.device) if g.device.type == "cuda" else contextlib.nullcontext():
+            loss, lse, p_pos, u, dg, s_ib = _cosine_infonce_triton(g, pos, negatives, neg_index, ids, neg_ids, tau, in_batch)
+        ctx.save_for_backward(pos, lse, p_pos, u, dg, s_ib)
+        ctx.tau = tau
+        ctx.g_dtype = g.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        pos, lse, p_pos, u, dg, s_ib = ctx.saved_tensors
+        w = grad_loss.float()
+        grad_g = grad_pos = None
+        if ctx.needs_input_grad[0]:
+            grad_g = (w[:, None] * dg).to(ctx.g_dtype)
+        if ctx.needs_input_grad[1]:
+            # pos[n] is row n's positive (weight p_pos - 1) and, in-batch, a negative of every
+            # other row m (weight p_mn = exp(s_mn - lse_m)); excluded pairs hold s = -inf -> 0.
+            dvhat = (w * (p_pos - 1.0))[:, None] * u
+            if s_ib is not None:
+                dvhat = dvhat + (torch.exp(s_ib - lse[:, None]) * w[:, None]).T @ u
+            grad_pos = _normalize_backward(pos.float(), dvhat / ctx.tau, EPS).to(pos.dtype)
+        return grad_g, grad_pos, None, None, None, None, None, None
+
+
+def _check_tensor(name: str, x, *, dims: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"cosine_infonce: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != dims:
+        raise ValueError(f"cosine_infonce: {name} must have {dims} dims, got shape {tuple(x.shape)}")
+
+
+def _validate(g, pos, negatives, neg_index, tau, in_batch, ids, neg_ids, reduction) -> None:
+    for name, x in (("g", g), ("pos", pos), ("negatives", negatives)):
+        _check_tensor(name, x, dims=2)
+        if x.dtype not in _FLOAT:
+            raise ValueError(f"cosine_infonce: {name} must be float16/bfloat16/float32/float64, got {x.dtype}; cast it with .float()")
+    N, D = g.shape
+    if N < 1 or D < 1:
+        raise ValueError(f"cosine_infonce: g must be (N, D) with N >= 1 and D >= 1, got shape {tuple(g.shape)}")
+    if pos.shape != g.shape:
+        raise ValueError(f"cosine_infonce: pos must have g's shape {tuple(g.shape)}, got {tuple(pos.shape)}")
+    if negatives.shape[1] != D:
+        raise ValueError(f"cosine_infonce: negatives must be (M, D) with D = {D} as in g, got shape {tuple(negatives.shape)}")
+    K = negatives.shape[0]
+    if neg_index is not None:
+        _check_tensor("neg_index", neg_index, dims=2)
+        if neg_index.dtype not in _INT:
+            raise ValueError(f"cosine_infonce: neg_index must be an integer tensor, got {neg_index.dtype}; use .long()")
+        if neg_index.shape[0] != N:
+            raise ValueError(f"cosine_infonce: neg_index must be (N, M) with N = {N} rows as in g, got shape {tuple(neg_index.shape)}")
+    if ids is not None:
+        _check_tensor("ids", ids, dims=1)
+        if ids.dtype not in _INT or ids.shape[0] != N:
+            raise ValueError(f"cosine_infonce: ids must be an integer tensor of shape ({N},), got {ids.dtype} {tuple(ids.shape)}")
+    if neg_ids is not None:
+        if ids is None:
+            raise ValueError("cosine_infonce: neg_ids needs ids (the identity of each row) to exclude same-identity negatives; pass ids too")
+        _check_tensor("neg_ids", neg_ids, dims=1)
+        if neg_ids.dtype not in _INT or neg_ids.shape[0] != K:
+            raise ValueError(f"cosine_infonce: neg_ids must be an integer tensor of shape ({K},) (one id per negatives row), "
+                             f"got {neg_ids.dtype} {tuple(neg_ids.shape)}")
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"cosine_infonce: tau must be a finite number > 0, got {tau!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"cosine_infonce: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(in_batch, bool):
+        raise ValueError(f"cosine_infonce: in_batch must be True or False, got {in_batch!r}")
+    for name, x in (("pos", pos), ("negatives", negatives), ("neg_index", neg_index), ("ids", ids), ("neg_ids", neg_ids)):
+        if x is not None and x.device != g.device:
+            raise ValueError(f"cosine_infonce: {name} is on {x.device} but g is on {g.device}; move all inputs to one device")
+    if neg_index is not None and neg_index.numel():
+        # One host sync; an out-of-range index would otherwise read out of bounds in the kernel.
+        lo, hi = torch.stack(torch.aminmax(neg_index)).tolist()
+        if lo < 0 or hi >= K:
+            raise ValueError(f"cosine_infonce: neg_index values must lie in [0, {K}) (rows of negatives), got [{lo}, {hi}]")
+
+
+def cosine_infonce(
+    g: torch.Tensor,
+    pos: torch.Tensor,
+    negatives: torch.Tensor,
+    *,
+    neg_index: torch.Tensor | None = None,
+    tau: float = 0.1,
+    in_batch: bool = False,
+    ids: torch.Tensor | None = None,
+    neg_ids: torch.Tensor | None = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cosine InfoNCE of queries ``g`` against positives ``pos`` and a bank of negatives.
+
+    loss_n = logsumexp([s_pos, s_neg_1, ...]) - s_pos with s = cos / tau; the positive is in the
+    denominator. Cosine uses x / max(||x||, 1e-6): zero vectors have cosine 0, never NaN.
+
+    g: (N, D) queries, N >= 1. pos: (N, D) positives. Any of float16/bfloat16/float32/float64.
+    negatives: (M, D) bank shared by all rows, or with ``neg_index`` a (K, D) gallery.
+    neg_index: (N, M) integer, values in [0, K): row n's negatives are negatives[neg_index[n]]
+        (gathered inside the kernel, never materialised as (N, M, D)). Default None.
+    tau: temperature, finite > 0. Default 0.1.
+    in_batch: also use pos[m], m != n, as negatives of row n. Default False.
+    ids: (N,) integer identity per row: with in_batch, pos[m] is excluded for row n when
+        ids[m] == ids[n]. neg_ids: (K,) integer identity per negatives row (needs ids): entry j is
+        excluded for row n when neg_ids[j] == ids[n].
+    reduction: "mean" (default) | "sum" | "none" (per-row (N,)).
+    backend: "auto" (Triton on CUDA, reference otherwise) | "triton" | "torch".
+
+    Returns a float32 loss (float64 when an input is float64 and the torch backend runs); fp32
+    accumulation whatever the input dtype. A row whose candidates are all excluded (or M = 0
+    without in_batch) has loss exactly 0 and zero gradient. Differentiable in g and pos; no
+    gradient flows to negatives.
+
+    Example:
+        >>> g, pos, bank = torch.randn(4, 64), torch.randn(4, 64), torch.randn(100, 64)
+        >>> cosine_infonce(g, pos, bank, tau=0.1, in_batch=True).shape
+        torch.Size([])
+    """
+    _validate(g, pos, negatives, neg_index, tau, in_batch, ids, neg_ids, reduction)
+    impl = resolve_backend("cosine_infonce", backend, g.device)
+    tau = float(tau)
+    negatives = negatives.detach()
+    if impl == "torch":
+        return cosine_infonce_ref(g, pos, negatives, neg_index=neg_index, tau=tau, in_batch=in_batch,
+                                  ids=ids, neg_ids=neg_ids, reduction=reduction)
+    loss = CosineInfoNCEFunction.apply(g, pos, negatives, neg_index, ids, neg_ids, tau, in_batch)
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.mean()

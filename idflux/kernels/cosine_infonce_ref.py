@@ -1,0 +1,67 @@
+"""PyTorch reference of the cosine InfoNCE loss over a negative bank: the oracle and the CPU path.
+
+Pure math on valid input (the checks live in :mod:`idflux.kernels.cosine_infonce`). It builds the
+explicit (N, 1 + M [+ N]) logit matrix; with ``neg_index`` it gathers the (N, M, D) negatives,
+which the Triton kernel never does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-6  # cosine uses x / max(||x||, EPS): a zero vector has cosine 0 with everything, never NaN
+
+
+def normalize(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """x / max(||x||_2, eps) over the last dim (the same convention as ``F.normalize``)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def cosine_infonce_ref(
+    g: torch.Tensor,
+    pos: torch.Tensor,
+    negatives: torch.Tensor,
+    *,
+    neg_index: torch.Tensor | None = None,
+    tau: float = 0.1,
+    in_batch: bool = False,
+    ids: torch.Tensor | None = None,
+    neg_ids: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """loss_n = logsumexp([s_pos, s_negs]) - s_pos with s = cos / tau; see ``cosine_infonce``.
+
+    g, pos: (N, D); negatives: (M, D) shared, or (K, D) gathered by neg_index (N, M).
+    Computes in fp32 (float64 stays float64); returns (N,) for "none", else a scalar.
+    """
+    acc = torch.float64 if torch.float64 in (g.dtype, pos.dtype, negatives.dtype) else torch.float32
+    u = normalize(g.to(acc))
+    v = normalize(pos.to(acc))
+    bank = normalize(negatives.to(acc))
+    N = u.shape[0]
+
+    s_pos = (u * v).sum(-1) / tau  # (N,)
+    if neg_index is None:
+        s_bank = u @ bank.T / tau  # (N, M)
+        bank_ids = None if neg_ids is None else neg_ids[None, :].expand(N, -1)
+    else:
+        s_bank = torch.einsum("nd,nmd->nm", u, bank[neg_index]) / tau
+        bank_ids = None if neg_ids is None else neg_ids[neg_index]
+    keep_bank = torch.ones_like(s_bank, dtype=torch.bool)
+    if ids is not None and bank_ids is not None:
+        keep_bank = bank_ids != ids[:, None]
+    logits = [s_pos[:, None], s_bank.masked_fill(~keep_bank, float("-inf"))]
+
+    if in_batch:
+        s_ib = u @ v.T / tau  # (N, N): row n against the other rows' positives
+        keep_ib = ~torch.eye(N, dtype=torch.bool, device=u.device)
+        if ids is not None:
+            keep_ib &= ids[:, None] != ids[None, :]
+        logits.append(s_ib.masked_fill(~keep_ib, float("-inf")))
+
+    # The positive is always a finite candidate, so a row with every negative excluded gives
+    # logsumexp = s_pos: loss 0 and gradient 0, never NaN.
+    loss = torch.logsumexp(torch.cat(logits, dim=1), dim=1) - s_pos
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.mean()
