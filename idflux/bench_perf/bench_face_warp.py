@@ -1,0 +1,133 @@
+"""Benchmark rows for ``face_warp``: our kernel and reference against the usual ways to align faces.
+
+Faces: ``FACES_PER_IMAGE`` faces per image, each about a quarter of the image wide, slightly rotated,
+warped to 112 x 112 crops. Providers:
+  ref                   ``face_warp(backend="torch")``: the PyTorch reference (fit + validation included)
+  triton                ``face_warp(backend="triton")`` (CUDA only; fit + validation included)
+  grid_sample_bicubic   ``images[image_index]`` + ``F.affine_grid`` + ``F.grid_sample`` bicubic with a
+                        per-face 6-DOF affine: the released way
+  grid_sample_bilinear  the same, bilinear
+  kornia                ``kornia.geometry.transform.warp_affine`` on ``images[image_index]`` (if installed)
+The baselines receive the matrices precomputed (their fit is not timed); ours fits every call and reads
+one validation flag back to the host. Baselines run in the images' dtype (grid included).
+bytes: fwd = image bytes the taps touch (about S^2 * min(|det M|, taps) pixels per face and channel) +
+crops written; bwd = the dense image gradient written + the crop gradient read; fwd+bwd = both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from idflux.bench_perf.harness import Case, mode_fns
+from idflux.kernels._backend import HAS_TRITON
+from idflux.kernels.face_warp import face_warp, face_warp_matrices
+from idflux.kernels.face_warp_ref import arcface_template
+
+OP = "face_warp"
+SUMMARY = [
+    ("ref", "grid_sample_bicubic"), ("ref", "grid_sample_bilinear"),
+    ("triton", "grid_sample_bicubic"), ("triton", "grid_sample_bilinear"), ("triton", "kornia"),
+]
+CROP = 112
+FACES_PER_IMAGE = 2
+_TAPS = {"bilinear": 4, "bicubic": 16}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def grid_sample_theta(matrices: torch.Tensor, height: int, width: int, size: int, align_corners: bool) -> torch.Tensor:
+    """``F.affine_grid`` thetas (F, 2, 3) equivalent to crop -> image pixel matrices (F, 2, 3)."""
+    m = matrices.double()
+    if align_corners:
+        norm = m.new_tensor([[2 / max(width - 1, 1), 0, -1], [0, 2 / max(height - 1, 1), -1], [0, 0, 1]])
+        half = (size - 1) / 2
+        denorm = m.new_tensor([[half, 0, half], [0, half, half], [0, 0, 1]])
+    else:
+        norm = m.new_tensor([[2 / width, 0, 1 / width - 1], [0, 2 / height, 1 / height - 1], [0, 0, 1]])
+        denorm = m.new_tensor([[size / 2, 0, (size - 1) / 2], [0, size / 2, (size - 1) / 2], [0, 0, 1]])
+    full = torch.cat([m, m.new_tensor([0, 0, 1]).expand(m.shape[0], 1, 3)], 1)
+    return (norm @ full @ denorm)[:, :2]
+
+
+def grid_sample_warp(images, matrices, image_index, size=CROP, mode="bilinear", value_range=(-1.0, 1.0), align_corners=False):
+    """Crops the released way: gather one image per face, ``affine_grid`` + ``grid_sample`` (zeros padding
+    on ``images - lo``, so outside is black), then ArcFace normalisation."""
+    lo, hi = value_range
+    src = images[image_index] - lo
+    theta = grid_sample_theta(matrices, images.shape[2], images.shape[3], size, align_corners).to(images.dtype)
+    grid = F.affine_grid(theta, [src.shape[0], src.shape[1], size, size], align_corners=align_corners)
+    out = F.grid_sample(src, grid, mode=mode, padding_mode="zeros", align_corners=align_corners)
+    return out * (2 / (hi - lo)) - 1
+
+
+def kornia_warp(images, matrices, image_index, size=CROP, mode="bilinear", value_range=(-1.0, 1.0)):
+    """Crops with kornia ``warp_affine`` (image -> crop matrices, pixel-centre convention)."""
+    from kornia.geometry.transform import warp_affine
+
+    lo, hi = value_range
+    full = torch.cat([matrices.double(), matrices.new_tensor([0, 0, 1], dtype=torch.float64).expand(matrices.shape[0], 1, 3)], 1)
+    to_crop = torch.linalg.inv(full)[:, :2].to(images.dtype)
+    out = warp_affine(images[image_index] - lo, to_crop, (size, size), mode=mode, padding_mode="zeros", align_corners=True)
+    return out * (2 / (hi - lo)) - 1
+
+
+def random_faces(batch: int, height: int, width: int, per_image: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Landmarks (batch * per_image, 5, 2) of faces ~width/4 wide inside the images, and their image index."""
+    n = batch * per_image
+    template = arcface_template(CROP, dtype=torch.float32)
+    scale = width / 4 / CROP * (0.8 + 0.4 * torch.rand(n, generator=generator))
+    angle = (torch.rand(n, generator=generator) - 0.5) * math.radians(40)
+    rot = torch.stack([torch.stack([angle.cos(), -angle.sin()], -1), torch.stack([angle.sin(), angle.cos()], -1)], -2)
+    slot = torch.arange(n) % per_image
+    centre = torch.stack([(slot + 0.5) / per_image * width, torch.full((n,), height / 2)], -1)
+    lmk = (template - CROP / 2) @ rot.transpose(1, 2) * scale[:, None, None] + centre[:, None]
+    return lmk, torch.arange(n) // per_image
+
+
+def _touched_bytes(matrices: torch.Tensor, channels: int, interpolation: str, elem: int) -> float:
+    area = (matrices[:, 0, 0] * matrices[:, 1, 1] - matrices[:, 0, 1] * matrices[:, 1, 0]).abs()
+    return float(area.clamp(max=_TAPS[interpolation]).sum()) * CROP * CROP * channels * elem
+
+
+def cases(device: torch.device, quick: bool) -> Iterator[Case]:
+    """CUDA: B in {1, 8, 32} at 512^2 and 1024^2 (fp32; bf16 too at 1024^2), 2 faces per image.
+    CPU: B in {1, 4} at 512^2, fp32 (``quick``: B = 1 only)."""
+    if device.type == "cuda":
+        sweep = [(b, s, "fp32") for s in (512, 1024) for b in (1, 8, 32)] + [(b, 1024, "bf16") for b in (1, 8, 32)]
+    else:
+        sweep = [(1, 512, "fp32")] + ([] if quick else [(4, 512, "fp32")])
+    providers = ["ref"] + (["triton"] if device.type == "cuda" and HAS_TRITON else [])
+    try:
+        import kornia  # noqa: F401
+
+        has_kornia = True
+    except ImportError:
+        has_kornia = False
+    gen = torch.Generator().manual_seed(0)
+    for batch, side, dtype_name in sweep:
+        dtype = _DTYPES[dtype_name]
+        images = (torch.rand(batch, 3, side, side, generator=gen) * 2 - 1).to(device, dtype).requires_grad_(True)
+        lmk, index = random_faces(batch, side, side, FACES_PER_IMAGE, gen)
+        lmk, index = lmk.to(device), index.to(device)
+        matrices = face_warp_matrices(lmk, size=CROP)
+        elem = images.element_size()
+        n_faces = lmk.shape[0]
+        crop_bytes = n_faces * 3 * CROP * CROP * elem
+        for interp in ("bilinear", "bicubic"):
+            shape = {"B": batch, "H": side, "W": side, "faces": n_faces, "size": CROP, "interp": interp}
+            fns = {p: (lambda p=p, interp=interp: face_warp(images, lmk, index, size=CROP, interpolation=interp, backend="torch" if p == "ref" else p))
+                   for p in providers}
+            fns[f"grid_sample_{interp}"] = lambda interp=interp: grid_sample_warp(images, matrices, index, CROP, interp)
+            if has_kornia:
+                fns["kornia"] = lambda interp=interp: kornia_warp(images, matrices, index, CROP, interp)
+            flops = 2 * _TAPS[interp] * n_faces * 3 * CROP * CROP
+            fwd_bytes = _touched_bytes(matrices, 3, interp, elem) + crop_bytes
+            bwd_bytes = images.numel() * elem + crop_bytes
+            work = {"fwd": (flops, fwd_bytes), "bwd": (flops, bwd_bytes), "fwd+bwd": (2 * flops, fwd_bytes + bwd_bytes)}
+            for provider, forward in fns.items():
+                note = "" if provider in ("ref", "triton") else "matrices precomputed"
+                for mode, fn in mode_fns(forward, [images]).items():
+                    yield Case(OP, provider, mode, shape, dtype_name, fn, flops=work[mode][0], bytes=work[mode][1], note=note)

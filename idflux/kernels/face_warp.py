@@ -1,0 +1,372 @@
+"""Differentiable ArcFace face alignment: fit the 5-point transform, warp to (F, C, size, size) crops.
+
+Public: :func:`face_warp`, :func:`face_warp_matrices`. Conventions are those of insightface
+``norm_crop`` (see :mod:`idflux.kernels.face_warp_ref`): the transform is estimated landmarks ->
+template, as ``tform.estimate(lmk, dst)`` does, then inverted; crop pixel (u, v) samples image point
+M @ [u, v, 1] with pixel centres at integer coordinates (cv2.warpAffine); taps outside the image
+read black (value_range[0]); output is 2 * (x - lo) / (hi - lo) - 1 in the images' dtype, with fp32
+accumulation (float64 for float64 images on the PyTorch path). Gradients flow to the images only.
+
+Triton path (kernel -> launcher -> ``FaceWarpFunction`` -> ``face_warp``): one fit launch for all faces
+(closed-form similarity / 6-DOF least squares in fp32, (F, 2, 3) matrices + a degenerate flag), one
+warp launch over (face, tile of crop pixels) for all channels, and a backward that scatters into an
+fp32 image gradient with atomics, then casts. No host sync or Python loop over faces in the kernels;
+the validation in ``face_warp`` reads one flag pair back (index range, NaN/degenerate landmarks).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from idflux.kernels._backend import HAS_TRITON, INTERPRET, resolve_backend
+from idflux.kernels.face_warp_ref import (
+    CUBIC_A, MIN_CORRELATION, MIN_EIGEN_RATIO, MIN_SPREAD, face_warp_ref, fit_matrices_ref,
+)
+
+TRANSFORMS = ("similarity", "affine")
+INTERPOLATIONS = ("bilinear", "bicubic")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_size(size) -> int:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"face_warp: size={size!r} must be an integer >= 1 (the crop side; 112 for ArcFace)")
+    return size
+
+
+def _check_transform(transform) -> None:
+    if transform not in TRANSFORMS:
+        raise ValueError(f"face_warp: transform={transform!r} is not one of {TRANSFORMS}")
+
+
+def _check_landmarks_shape(landmarks) -> None:
+    if not isinstance(landmarks, torch.Tensor) or landmarks.dim() != 3 or tuple(landmarks.shape[1:]) != (5, 2):
+        shape = tuple(landmarks.shape) if isinstance(landmarks, torch.Tensor) else type(landmarks).__name__
+        raise ValueError(f"face_warp: landmarks must be a (F, 5, 2) tensor of (x, y) pixels in ArcFace order, got {shape}")
+    if landmarks.dtype == torch.bool or landmarks.is_complex():
+        raise ValueError(f"face_warp: landmarks must be real pixel coordinates, got dtype {landmarks.dtype}")
+
+
+def _landmark_error(landmarks: torch.Tensor, degenerate: torch.Tensor) -> ValueError:
+    """The error for bad landmarks: non-finite values first, then degenerate faces (error path only)."""
+    finite = torch.isfinite(landmarks).flatten(1).all(1)
+    bad = (~finite).nonzero().flatten().tolist()
+    if bad:
+        return ValueError(f"face_warp: landmarks of faces {bad[:8]} contain NaN or inf; drop those faces before warping")
+    bad = degenerate.nonzero().flatten().tolist()
+    return ValueError(
+        f"face_warp: landmarks of faces {bad[:8]} are degenerate (all points equal, collinear: covariance "
+        f"eigenvalue ratio < {MIN_EIGEN_RATIO:g}, or no usable fit), e.g. {landmarks[bad[0]].tolist()}; "
+        "pass five distinct detector points (left eye, right eye, nose, left and right mouth corners)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- Triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    # Compiled kernels may only read constexpr globals (the interpreter would not complain).
+    _A = tl.constexpr(CUBIC_A)
+    @triton.jit
+    def _face_warp_fit_kernel(
+        lmk_ptr, mat_ptr, flag_ptr,
+        stride_lf, stride_lp, stride_lc,
+        F, scale, min_spread, ratio_bound, min_corr,
+        AFFINE: tl.constexpr, BLOCK_F: tl.constexpr,
+    ):
+        """One row of BLOCK_F faces x 8 point slots (5 used): centred sums, closed-form fit, inversion."""
+        f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+        p = tl.arange(0, 8)
+        live = (f < F)[:, None] & (p < 5)[None, :]
+        ptr = lmk_ptr + f.to(tl.int64)[:, None] * stride_lf + p[None, :] * stride_lp
+        x = tl.load(ptr, mask=live, other=0.0).to(tl.float32)
+        y = tl.load(ptr + stride_lc, mask=live, other=0.0).to(tl.float32)
+        # ARCFACE_TEMPLATE, spelled out (a kernel reads constexpr scalars only); tested against the reference fit.
+        tx = tl.where(p == 0, 38.2946, tl.where(p == 1, 73.5318, tl.where(p == 2, 56.0252, tl.where(p == 3, 41.5493, 70.7299))))
+        ty = tl.where(p == 0, 51.6963, tl.where(p == 1, 51.5014, tl.where(p == 2, 71.7366, tl.where(p == 3, 92.3655, 92.2041))))
+        tx = tl.where(live, tx[None, :] * scale, 0.0)
+        ty = tl.where(live, ty[None, :] * scale, 0.0)
+        mx, my = tl.sum(x, 1) / 5, tl.sum(y, 1) / 5
+        dmx, dmy = tl.sum(tx, 1) / 5, tl.sum(ty, 1) / 5
+        xc = tl.where(live, x - mx[:, None], 0.0)
+        yc = tl.where(live, y - my[:, None], 0.0)
+        dx = tl.where(live, tx - dmx[:, None], 0.0)
+        dy = tl.where(live, ty - dmy[:, None], 0.0)
+        sxx, syy, sxy = tl.sum(xc * xc, 1), tl.sum(yc * yc, 1), tl.sum(xc * yc, 1)
+        trace = sxx + syy
+        det = sxx * syy - sxy * sxy
+        amax = tl.max(tl.maximum(tl.abs(x), tl.abs(y)), 1)
+        bad = (trace <= min_spread * (1 + amax * amax)) | (4 * det < trace * trace * ratio_bound)
+        if AFFINE:
+            b00, b01 = tl.sum(xc * dx, 1), tl.sum(xc * dy, 1)
+            b10, b11 = tl.sum(yc * dx, 1), tl.sum(yc * dy, 1)
+            det_b = b00 * b11 - b01 * b10
+            det_d = tl.sum(dx * dx, 1) * tl.sum(dy * dy, 1) - tl.sum(dx * dy, 1) * tl.sum(dx * dy, 1)
+            bad = bad | (tl.abs(det_b) <= min_corr * tl.sqrt(tl.maximum(det, 0.0) * det_d))
+            det_b = tl.where(bad, 1.0, det_b)
+            l00, l01 = (sxx * b11 - sxy * b01) / det_b, (sxy * b00 - sxx * b10) / det_b
+            l10, l11 = (sxy * b11 - syy * b01) / det_b, (syy * b00 - sxy * b10) / det_b
+        else:
+            pp = tl.sum(dx * xc + dy * yc, 1)
+            qq = tl.sum(dy * xc - dx * yc, 1)
+            norm = pp * pp + qq * qq
+            bad = bad | (norm <= min_corr * min_corr * trace * tl.sum(dx * dx + dy * dy, 1))
+            norm = tl.where(bad, 1.0, norm)
+            l00 = pp * trace / norm
+            l01 = qq * trace / norm
+            l10 = -l01
+            l11 = l00
+        t0 = mx - (l00 * dmx + l01 * dmy)
+        t1 = my - (l10 * dmx + l11 * dmy)
+        fm = f < F
+        out = mat_ptr + f.to(tl.int64) * 6
+        tl.store(out, l00, mask=fm)
+        tl.store(out + 1, l01, mask=fm)
+        tl.store(out + 2, t0, mask=fm)
+        tl.store(out + 3, l10, mask=fm)
+        tl.store(out + 4, l11, mask=fm)
+        tl.store(out + 5, t1, mask=fm)
+        tl.store(flag_ptr + f, bad.to(tl.int8), mask=fm)
+
+    @triton.jit
+    def _face_warp_taps(mat_ptr, idx_ptr, face, pix, H, W, S, BICUBIC: tl.constexpr):
+        """For BLOCK crop pixels of one face: tap weights (BLOCK, K) with out-of-image taps zeroed, their
+        (y, x) element offsets in units of the row/column strides, and the image index."""
+        NT: tl.constexpr = 4 if BICUBIC else 2
+        live = pix < S * S
+        u = (pix % S).to(tl.float32)
+        v = (pix // S).to(tl.float32)
+        m = mat_ptr + face * 6
+        x = tl.load(m) * u + tl.load(m + 1) * v + tl.load(m + 2)
+        y = tl.load(m + 3) * u + tl.load(m + 4) * v + tl.load(m + 5)
+        # Far-away points only need to stay far away: the clamp keeps the integer taps small.
+        x = tl.minimum(tl.maximum(x, -3.0), W + 2.0)
+        y = tl.minimum(tl.maximum(y, -3.0), H + 2.0)
+        k = tl.arange(0, NT * NT)
+        first = 1 if BICUBIC else 0
+        xt = tl.floor(x)[:, None] + (k % NT - first).to(tl.float32)[None, :]
+        yt = tl.floor(y)[:, None] + (k // NT - first).to(tl.float32)[None, :]
+        tx = tl.abs(x[:, None] - xt)
+        ty = tl.abs(y[:, None] - yt)
+        if BICUBIC:
+            wx = tl.where(tx <= 1, ((_A + 2) * tx - (_A + 3)) * tx * tx + 1,
+                          tl.where(tx < 2, ((_A * tx - 5 * _A) * tx + 8 * _A) * tx - 4 * _A, 0.0))
+            wy = tl.where(ty <= 1, ((_A + 2) * ty - (_A + 3)) * ty * ty + 1,
+                          tl.where(ty < 2, ((_A * ty - 5 * _A) * ty + 8 * _A) * ty - 4 * _A, 0.0))
+        else:
+            wx = tl.maximum(1 - tx, 0.0)
+            wy = tl.maximum(1 - ty, 0.0)
+        valid = (xt >= 0) & (xt < W) & (yt >= 0) & (yt < H) & live[:, None]
+        w = tl.where(valid, wx * wy, 0.0)
+        image = tl.load(idx_ptr + face).to(tl.int64)
+        return w, valid, yt.to(tl.int64), xt.to(tl.int64), image
+
+    @triton.jit
+    def _face_warp_fwd_kernel(
+        img_ptr, mat_ptr, idx_ptr, out_ptr,
+        stride_ib, stride_ic, stride_ih, stride_iw,
+        C, H, W, S, lo, out_scale,
+        BICUBIC: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """Program (face, tile): BLOCK crop pixels of one face, all channels; out = scale * sum w (x - lo) - 1."""
+        face = tl.program_id(0).to(tl.int64)
+        pix = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        w, valid, yt, xt, image = _face_warp_taps(mat_ptr, idx_ptr, face, pix, H, W, S, BICUBIC)
+        wsum = tl.sum(w, 1)
+        src = img_ptr + image * stride_ib + yt * stride_ih + xt * stride_iw
+        dst = out_ptr + face * C * S * S + pix
+        for c in range(C):
+            vals = tl.load(src + c * stride_ic, mask=valid, other=0.0).to(tl.float32)
+            res = (tl.sum(w * vals, 1) - lo * wsum) * out_scale - 1.0
+            tl.store(dst + c * S * S, res.to(out_ptr.dtype.element_ty), mask=pix < S * S)
+
+    @triton.jit
+    def _face_warp_bwd_kernel(
+        gout_ptr, mat_ptr, idx_ptr, gimg_ptr,
+        stride_gf, stride_gc, stride_gh, stride_gw,
+        C, H, W, S, out_scale,
+        BICUBIC: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """Scatter-add out_scale * w * grad_out into the contiguous fp32 image gradient (atomics: faces and
+        neighbouring crop pixels share image pixels)."""
+        face = tl.program_id(0).to(tl.int64)
+        pix = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        w, valid, yt, xt, image = _face_warp_taps(mat_ptr, idx_ptr, face, pix, H, W, S, BICUBIC)
+        live = pix < S * S
+        g_ptr = gout_ptr + face * stride_gf + (pix // S) * stride_gh + (pix % S) * stride_gw
+        dst = gimg_ptr + image * C * H * W + yt * W + xt
+        for c in range(C):
+            g = tl.load(g_ptr + c * stride_gc, mask=live, other=0.0).to(tl.float32) * out_scale
+            tl.atomic_add(dst + c * H * W, w * g[:, None], mask=valid, sem="relaxed")
+
+
+def _block(bicubic: bool) -> int:
+    # Interpreter: few big programs (each costs ~1 ms); GPU: ~2k taps per program.
+    return (256 if bicubic else 1024) if INTERPRET else (128 if bicubic else 512)
+
+
+def _fit_triton(landmarks: torch.Tensor, size: int, transform: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F, 2, 3) fp32 crop -> image matrices and (F,) bool degenerate flags, all faces in one launch."""
+    if not landmarks.dtype.is_floating_point:
+        landmarks = landmarks.float()
+    F = landmarks.shape[0]
+    matrices = torch.empty(F, 2, 3, device=landmarks.device, dtype=torch.float32)
+    flags = torch.empty(F, device=landmarks.device, dtype=torch.int8)
+    r = MIN_EIGEN_RATIO
+    block_f = 32
+    _face_warp_fit_kernel[(triton.cdiv(F, block_f),)](
+        landmarks, matrices, flags,
+        landmarks.stride(0), landmarks.stride(1), landmarks.stride(2),
+        F, size / 112.0, MIN_SPREAD, 4 * r / (1 + r) ** 2, MIN_CORRELATION,
+        AFFINE=transform == "affine", BLOCK_F=block_f,
+    )
+    return matrices, flags.bool()
+
+
+class FaceWarpFunction(torch.autograd.Function):
+    """Triton warp: images (B, C, H, W), crop -> image matrices (F, 2, 3) fp32, image_index (F,) ->
+    crops (F, C, S, S) in images.dtype; gradient to images only (fp32 atomics, then cast)."""
+
+    @staticmethod
+    def forward(ctx, images, matrices, image_index, size, bicubic, lo, hi):
+        F, C = matrices.shape[0], images.shape[1]
+        out = images.new_empty(F, C, size, size)
+        block = _block(bicubic)
+        _face_warp_fwd_kernel[(F, triton.cdiv(size * size, block))](
+            images, matrices, image_index, out,
+            *images.stride(),
+            C, images.shape[2], images.shape[3], size, lo, 2.0 / (hi - lo),
+            BICUBIC=bicubic, BLOCK=block, num_warps=4,
+        )
+        ctx.save_for_backward(matrices, image_index)
+        ctx.meta = (tuple(images.shape), images.dtype, size, bicubic, 2.0 / (hi - lo))
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        matrices, image_index = ctx.saved_tensors
+        shape, dtype, size, bicubic, out_scale = ctx.meta
+        _, C, H, W = shape
+        grad = torch.zeros(shape, device=grad_out.device, dtype=torch.float32)
+        block = _block(bicubic)
+        _face_warp_bwd_kernel[(matrices.shape[0], triton.cdiv(size * size, block))](
+            grad_out, matrices, image_index, grad,
+            *grad_out.stride(),
+            C, H, W, size, out_scale,
+            BICUBIC=bicubic, BLOCK=block, num_warps=4,
+        )
+        return grad.to(dtype), None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------- public
+
+def face_warp_matrices(landmarks: torch.Tensor, *, size: int = 112, transform: str = "similarity") -> torch.Tensor:
+    """Crop -> image pixel matrices (F, 2, 3) for landmarks (F, 5, 2) (x, y pixels, ArcFace order).
+
+    Crop pixel (u, v) of a ``size`` x ``size`` crop sits at image point M @ [u, v, 1]. The fit runs
+    landmarks -> (ArcFace template * size / 112) as insightface's ``estimate_norm`` does ("similarity":
+    Umeyama closed form; "affine": 6-DOF least squares) and is inverted here. Computed in float64 (the
+    PyTorch path on every device); float64 result for float64 landmarks, float32 otherwise. Raises
+    ValueError for NaN/inf or degenerate landmarks (reads them back: one host sync).
+
+    Example:
+        >>> from idflux.kernels.face_warp_ref import arcface_template
+        >>> m = face_warp_matrices(arcface_template(112)[None])  # float64 in, float64 out
+        >>> m.shape, bool(torch.allclose(m, torch.eye(2, 3, dtype=torch.float64)))
+        (torch.Size([1, 2, 3]), True)
+    """
+    _check_landmarks_shape(landmarks)
+    size = _check_size(size)
+    _check_transform(transform)
+    matrices, degenerate = fit_matrices_ref(landmarks, size, transform)
+    if landmarks.shape[0] and (degenerate.any() | ~torch.isfinite(landmarks).all()).item():
+        raise _landmark_error(landmarks, degenerate)
+    return matrices
+
+
+def face_warp(
+    images: torch.Tensor,
+    landmarks: torch.Tensor,
+    image_index: torch.Tensor,
+    *,
+    size: int = 112,
+    transform: str = "similarity",
+    interpolation: str = "bilinear",
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Aligned ArcFace crops (F, C, size, size) of the faces in ``images``.
+
+    images: (B, C, H, W) fp16/bf16/fp32/fp64, any strides, values in ``value_range`` (lo, hi).
+    landmarks: (F, 5, 2) (x, y) pixels, ArcFace order (left eye, right eye, nose, left and right
+    mouth corners). image_index: (F,) integer, the image of each face, in [0, B).
+    size: crop side (default 112; the template is scaled by size / 112). transform: "similarity"
+    (default, as insightface ``norm_crop``) or "affine". interpolation: "bilinear" (default) or
+    "bicubic" (a = -0.75). backend: "auto" | "triton" | "torch".
+
+    Returns crops in ``images.dtype`` (fp32 arithmetic inside; the Triton path, the default for CUDA
+    tensors, also fits in fp32, float64 input included) normalised as ArcFace expects, 2 * (x - lo) / (hi - lo) - 1
+    (= (x255 - 127.5) / 127.5); outside the image is black, i.e. -1. Differentiable in ``images``
+    (not in ``landmarks``). Validation reads ``image_index`` and the landmark fit back to the host
+    (one sync per call); the kernels themselves never sync.
+
+    Example:
+        >>> from idflux.kernels.face_warp_ref import arcface_template
+        >>> images = torch.rand(1, 3, 112, 112) * 2 - 1
+        >>> crops = face_warp(images, arcface_template(112, dtype=torch.float32)[None], torch.tensor([0]))
+        >>> crops.shape, bool(torch.allclose(crops, images, atol=1e-5))
+        (torch.Size([1, 3, 112, 112]), True)
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"face_warp: images must be a (B, C, H, W) tensor, got {shape}")
+    if images.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"face_warp: images must be fp16/bf16/fp32/fp64, got {images.dtype}; convert with images.float()")
+    B, C, H, W = images.shape
+    if H < 1 or W < 1:
+        raise ValueError(f"face_warp: images must have H, W >= 1, got {tuple(images.shape)}")
+    _check_landmarks_shape(landmarks)
+    F = landmarks.shape[0]
+    if not isinstance(image_index, torch.Tensor) or image_index.dim() != 1 or image_index.shape[0] != F:
+        shape = tuple(image_index.shape) if isinstance(image_index, torch.Tensor) else type(image_index).__name__
+        raise ValueError(f"face_warp: image_index must be a ({F},) tensor (one image per face), got {shape}")
+    if image_index.dtype.is_floating_point or image_index.is_complex() or image_index.dtype == torch.bool:
+        raise ValueError(f"face_warp: image_index must be an integer tensor, got {image_index.dtype}; use .long()")
+    for name, t in (("landmarks", landmarks), ("image_index", image_index)):
+        if t.device != images.device:
+            raise ValueError(f"face_warp: {name} is on {t.device} but images on {images.device}; move them to one device")
+    size = _check_size(size)
+    _check_transform(transform)
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"face_warp: interpolation={interpolation!r} is not one of {INTERPOLATIONS}")
+    try:
+        lo, hi = (float(v) for v in value_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"face_warp: value_range={value_range!r} must be two numbers (lo, hi)") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise ValueError(f"face_warp: value_range={value_range!r} needs finite lo < hi, e.g. (-1.0, 1.0) or (0.0, 255.0)")
+    impl = resolve_backend("face_warp", backend, images.device)
+    if F == 0:
+        return images.new_empty(0, C, size, size)
+    fit = _fit_triton if impl == "triton" else fit_matrices_ref
+    matrices, degenerate = fit(landmarks, size, transform)
+    index_bad = (image_index.min() < 0) | (image_index.max() >= B)
+    landmarks_bad = degenerate.any() | ~torch.isfinite(landmarks).all()
+    index_bad, landmarks_bad = torch.stack([index_bad, landmarks_bad]).tolist()  # the one host sync
+    if index_bad:
+        raise ValueError(
+            f"face_warp: image_index must lie in [0, {B}) for {B} images, got values in "
+            f"[{int(image_index.min())}, {int(image_index.max())}]"
+        )
+    if landmarks_bad:
+        raise _landmark_error(landmarks, degenerate)
+    if impl == "torch":
+        return face_warp_ref(images, matrices, image_index, size, interpolation, (lo, hi))
+    return FaceWarpFunction.apply(images, matrices, image_index.contiguous(), size, interpolation == "bicubic", lo, hi)
+

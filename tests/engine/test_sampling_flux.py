@@ -1,0 +1,64 @@
+import math
+
+import pytest
+import torch
+
+from idflux.engine.adapter import IdentityAdapter, RegionLayout, tiny_adapter
+from idflux.engine.flux import flux_forward, image_ids, pack_latents, tiny_flux_transformer, unpack_latents
+from idflux.engine.regions import boxes_to_membership
+from idflux.engine.sampling import euler_sample, flux_mu, sampling_mu, schedule, time_shift
+
+
+def test_time_shift_values_at_512_and_1024():
+    assert sampling_mu(512, 512) == pytest.approx(0.5 + 0.65 * (1024 - 256) / 3840)      # 0.63
+    assert sampling_mu(1024, 1024) == pytest.approx(1.15)
+    assert sampling_mu(1024, 1024, released_parity=True) == pytest.approx(0.5 + 0.65 * (64 - 256) / 3840)  # ~0.4675
+    mu = sampling_mu(1024, 1024)
+    t = torch.tensor([1.0, 0.5, 0.0])
+    want = [1.0, math.exp(mu) / (math.exp(mu) + 1.0), 0.0]
+    assert time_shift(mu, t).tolist() == pytest.approx(want)
+    s = schedule(25, mu)
+    assert s[0] == 1.0 and s[-1] == 0.0 and (s[1:] < s[:-1]).all()
+    assert flux_mu(256) == pytest.approx(0.5)
+
+
+def test_euler_integrates_a_linear_flow_exactly():
+    x1 = torch.randn(2, 5)
+    x0 = torch.randn(2, 5)
+    out = euler_sample(lambda x, t: x1 - x0, x1, schedule(7, 0.8), progress=False)  # x_t = (1-t) x0 + t x1
+    torch.testing.assert_close(out, x0)
+
+
+def test_pack_unpack_round_trip_and_ids():
+    lat = torch.randn(2, 4, 6, 8)
+    tokens = pack_latents(lat)
+    assert tokens.shape == (2, 12, 16)
+    torch.testing.assert_close(unpack_latents(tokens, 6, 8), lat)
+    ids = image_ids(3, 4)
+    assert ids[5].tolist() == [0, 1, 1]
+
+
+def test_flux_forward_matches_diffusers_without_adapter_and_adapter_changes_only_boxes():
+    flux = tiny_flux_transformer().eval()
+    B, grid = 2, 4
+    x = torch.randn(B, grid * grid, 16)
+    txt = torch.randn(B, 5, 32)
+    pooled = torch.randn(B, 16)
+    t = torch.full((B,), 0.7)
+    g = torch.full((B,), 4.0)
+    ids, tids = image_ids(grid, grid), torch.zeros(5, 3)
+    with torch.no_grad():
+        ours = flux_forward(flux, x, txt, pooled, t, ids, tids, g)
+        theirs = flux(hidden_states=x, encoder_hidden_states=txt, pooled_projections=pooled, timestep=t, img_ids=ids,
+                      txt_ids=tids, guidance=g, return_dict=False)[0]
+    torch.testing.assert_close(ours, theirs)
+    adapter = IdentityAdapter(tiny_adapter())
+    for blk in [*adapter.arc_blocks, *adapter.sig_blocks]:
+        torch.nn.init.zeros_(blk.to_out.weight)
+    membership = boxes_to_membership([[(0, 0, 32, 32)], [(16, 16, 64, 64)]], 64, 64)
+    cfg = adapter.cfg
+    ctx = adapter.prepare(torch.randn(B, 1, cfg.arc_dim), torch.randn(B, 1, cfg.siglip_tokens, cfg.siglip_dim),
+                          RegionLayout.from_membership(membership, 1), backend="torch")
+    with torch.no_grad():
+        zero_out = flux_forward(flux, x, txt, pooled, t, ids, tids, g, adapter=adapter, adapter_ctx=ctx)
+    torch.testing.assert_close(zero_out, theirs, msg="adapter with zero to_out must leave FLUX unchanged")

@@ -1,0 +1,398 @@
+"""face_warp: the reference against insightface norm_crop, kornia and grid_sample; the Triton kernels
+against the reference (interpreter on CPU, compiled on CUDA); validation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from idflux.bench_perf.bench_face_warp import grid_sample_warp, kornia_warp
+from idflux.kernels._backend import HAS_TRITON, INTERPRET
+from idflux.kernels.face_warp import face_warp, face_warp_matrices
+from idflux.kernels.face_warp_ref import arcface_template, face_warp_ref, fit_matrices_ref
+
+FIXTURE = json.loads((Path(__file__).resolve().parents[1] / "data" / "face_landmarks.json").read_text())
+INTERPS = ("bilinear", "bicubic")
+needs_interpreter = pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="needs triton with TRITON_INTERPRET=1")
+
+
+def random_landmarks(n, height, width, generator, spread=0.5, noise=1.0):
+    """Template faces under random similarities, centres anywhere in [-spread, 1 + spread] of the image
+    (so some crops leave the image), plus pixel noise (the fit is then not exact)."""
+    t = arcface_template(112, dtype=torch.float64) - 56
+    scale = (0.1 + 0.5 * torch.rand(n, generator=generator, dtype=torch.float64)) * min(height, width) / 56
+    angle = (torch.rand(n, generator=generator, dtype=torch.float64) - 0.5) * 1.5
+    rot = torch.stack([torch.stack([angle.cos(), -angle.sin()], -1), torch.stack([angle.sin(), angle.cos()], -1)], -2)
+    centre = (torch.rand(n, 2, generator=generator, dtype=torch.float64) * (1 + 2 * spread) - spread) * torch.tensor([width, height])
+    lmk = t @ rot.transpose(1, 2) * scale[:, None, None] + centre[:, None]
+    return (lmk + noise * torch.randn(lmk.shape, generator=generator, dtype=torch.float64)).float()
+
+
+def random_problem(batch, channels, height, width, faces, dtype=torch.float32, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    images = (torch.rand(batch, channels, height, width, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+    lmk = random_landmarks(faces, height, width, g, **kw)
+    index = torch.randint(0, batch, (faces,), generator=g)
+    return images, lmk, index
+
+
+# ---------------------------------------------------------------- insightface norm_crop (OpenCV) oracle
+
+def _photo(name):
+    if name == "astronaut":
+        return pytest.importorskip("skimage.data").astronaut()
+    insightface = pytest.importorskip("insightface")
+    import cv2
+
+    path = os.path.join(os.path.dirname(insightface.__file__), "data", "images", "t1.jpg")
+    return cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
+
+
+def _cv2_crops(img, faces, interpolation, size=112):
+    """insightface ``norm_crop`` (bilinear); for bicubic, its matrix with cv2 INTER_CUBIC."""
+    pytest.importorskip("insightface")
+    import cv2
+    from insightface.utils.face_align import estimate_norm, norm_crop
+
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # skimage's deprecated tform.estimate inside insightface
+        for lmk in faces:
+            lmk = np.asarray(lmk, np.float32)
+            if interpolation == "bilinear":
+                out.append(norm_crop(img, lmk, image_size=size))
+            else:
+                m = estimate_norm(lmk, size)
+                out.append(cv2.warpAffine(img, m, (size, size), flags=cv2.INTER_CUBIC, borderValue=0.0))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).double()
+
+
+def _assert_close_255(ours, theirs, name, mean_tol=2.0, max_tol=10.0):
+    """ours in [-1, 1] (clipped: cv2 saturates uint8) vs a uint8 crop; OpenCV's 1/32-pixel tolerance."""
+    ours255 = (ours.double().clamp(-1, 1) + 1) * 127.5
+    diff = (ours255 - theirs).abs()
+    assert diff.mean() <= mean_tol and diff.max() <= max_tol, f"{name}: mean {diff.mean():.3f}, max {diff.max():.2f} (0..255)"
+
+
+@pytest.mark.parametrize("interpolation", INTERPS)
+@pytest.mark.parametrize("photo", ["astronaut", "t1"])
+def test_matches_insightface_norm_crop(photo, interpolation):
+    img = _photo(photo)
+    faces = FIXTURE[photo]
+    theirs = _cv2_crops(img, faces, interpolation)
+    images = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    index = torch.zeros(len(faces), dtype=torch.long)
+    ours = face_warp(images, torch.tensor(faces), index, value_range=(0.0, 255.0), interpolation=interpolation, backend="torch")
+    _assert_close_255(ours, theirs, f"{photo} crops")
+    # the same photo given in [-1, 1], fp64
+    ours = face_warp(images.double() / 127.5 - 1, torch.tensor(faces), index, interpolation=interpolation, backend="torch")
+    _assert_close_255(ours, theirs, f"{photo} crops from [-1, 1] input")
+
+
+def test_norm_crop_224_and_face_partly_outside():
+    img = _photo("astronaut")
+    lmk = np.asarray(FIXTURE["astronaut"][0])
+    for size, cut in ((224, None), (112, 228)):
+        part = img if cut is None else img[60:, :cut]  # the right half of the face is cut off
+        shifted = lmk - (0 if cut is None else np.array([0, 60]))
+        theirs = _cv2_crops(np.ascontiguousarray(part), [shifted], "bilinear", size)
+        images = torch.from_numpy(np.ascontiguousarray(part)).permute(2, 0, 1)[None].float()
+        ours = face_warp(images, torch.tensor(shifted[None]), torch.tensor([0]), size=size, value_range=(0, 255), backend="torch")
+        _assert_close_255(ours, theirs, f"crop size={size} cut={cut}")
+        if cut is not None:
+            outside = (theirs == 0).all(1)
+            assert outside[:, :, -20:].all(), "test set-up: the crop should leave the image on the right"
+            assert (ours[:, :, :, -20:] == -1).all(), "outside the image must be exactly -1"
+
+
+# ---------------------------------------------------------------- the fit
+
+def test_similarity_matrix_matches_skimage():
+    skt = pytest.importorskip("skimage.transform")
+    g = torch.Generator().manual_seed(3)
+    lmk = random_landmarks(16, 300, 400, g, noise=3.0).double()
+    for size in (112, 160, 50):
+        dst = arcface_template(size).numpy()
+        ours = face_warp_matrices(lmk, size=size)
+        for f in range(lmk.shape[0]):
+            tform = skt.SimilarityTransform.from_estimate(lmk[f].numpy(), dst)
+            expected = np.linalg.inv(tform.params)[:2]
+            np.testing.assert_allclose(ours[f].numpy(), expected, rtol=1e-9, atol=1e-9, err_msg=f"similarity face {f} size {size}")
+
+
+def test_affine_matrix_matches_lstsq():
+    # (skimage's AffineTransform.estimate is a total least-squares fit through an SVD: a different estimator)
+    g = torch.Generator().manual_seed(4)
+    lmk = random_landmarks(16, 300, 400, g, noise=3.0).double()
+    dst = arcface_template(112).numpy()
+    ours = face_warp_matrices(lmk, transform="affine")
+    for f in range(lmk.shape[0]):
+        src = np.concatenate([lmk[f].numpy(), np.ones((5, 1))], 1)
+        sol = np.linalg.lstsq(src, dst, rcond=None)[0].T  # landmarks -> template, (2, 3)
+        expected = np.linalg.inv(np.concatenate([sol, [[0, 0, 1]]]))[:2]
+        np.testing.assert_allclose(ours[f].numpy(), expected, rtol=1e-9, atol=1e-9, err_msg=f"affine face {f}")
+
+
+@pytest.mark.parametrize("size", [112, 64, 7, 224])
+@pytest.mark.parametrize("transform", ["similarity", "affine"])
+def test_template_landmarks_give_identity(size, transform):
+    m = face_warp_matrices(arcface_template(size)[None], size=size, transform=transform)
+    torch.testing.assert_close(m, torch.eye(2, 3, dtype=torch.float64)[None], atol=1e-9, rtol=0, msg="identity matrix")
+    lmk = arcface_template(size, dtype=torch.float32)[None]
+    images = torch.rand(2, 3, size, size) * 2 - 1
+    for interp in INTERPS:
+        crops = face_warp(images, lmk.expand(2, 5, 2), torch.tensor([1, 0]), size=size, transform=transform, interpolation=interp, backend="torch")
+        torch.testing.assert_close(crops, images.flip(0), atol=1e-4, rtol=0, msg=f"identity crop {interp}")
+
+
+# ---------------------------------------------------------------- kornia and grid_sample oracles
+
+@pytest.mark.parametrize("interpolation", INTERPS)
+@pytest.mark.parametrize("transform", ["similarity", "affine"])
+def test_matches_kornia_and_grid_sample(interpolation, transform):
+    images, lmk, index = random_problem(3, 3, 37, 53, 6)
+    m = face_warp_matrices(lmk, size=20, transform=transform)
+    ours = face_warp(images, lmk, index, size=20, transform=transform, interpolation=interpolation, backend="torch")
+    assert (ours == -1).any() and (ours > -1).any(), "test set-up: some crops must leave the image"
+    for ac in (False, True):
+        gs = grid_sample_warp(images, m, index, 20, interpolation, align_corners=ac)
+        torch.testing.assert_close(ours, gs, atol=2e-4, rtol=0, msg=f"vs grid_sample align_corners={ac}")
+    pytest.importorskip("kornia")
+    torch.testing.assert_close(ours, kornia_warp(images, m, index, 20, interpolation), atol=2e-4, rtol=0, msg="vs kornia")
+
+
+@pytest.mark.parametrize("interpolation", INTERPS)
+@pytest.mark.parametrize("hw", [(1, 1), (3, 5), (17, 33)])
+def test_tiny_and_odd_images_and_gradient_vs_grid_sample(hw, interpolation):
+    h, w = hw
+    images, lmk, index = random_problem(2, 3, h, w, 3, seed=h * w)
+    lmk = lmk if h > 3 else lmk * 0 + arcface_template(112, dtype=torch.float32) * (3 * min(h, w) / 112) - 1
+    images.requires_grad_(True)
+    ours = face_warp(images, lmk, index, size=9, interpolation=interpolation, backend="torch")
+    theirs_in = images.detach().clone().requires_grad_(True)
+    theirs = grid_sample_warp(theirs_in, face_warp_matrices(lmk, size=9), index, 9, interpolation)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0, msg="crops")
+    grad = torch.randn_like(ours)
+    (g_ours,) = torch.autograd.grad(ours, images, grad)
+    (g_theirs,) = torch.autograd.grad(theirs, theirs_in, grad)
+    torch.testing.assert_close(g_ours, g_theirs, atol=1e-4, rtol=1e-4, msg="images.grad")
+
+
+# ---------------------------------------------------------------- semantics
+
+def test_faces_per_image_and_images_without_faces():
+    images, lmk, _ = random_problem(3, 3, 40, 48, 5)
+    index = torch.tensor([2, 0, 2, 2, 0])  # image 1 has no face
+    images.requires_grad_(True)
+    crops = face_warp(images, lmk, index, size=24, backend="torch")
+    for f in range(5):
+        single = face_warp(images[index[f] : index[f] + 1], lmk[f : f + 1], torch.tensor([0]), size=24, backend="torch")
+        torch.testing.assert_close(crops[f : f + 1], single, atol=2e-5, rtol=0, msg=f"face {f} alone")
+    (grad,) = torch.autograd.grad(crops, images, torch.randn_like(crops))
+    assert (grad[1] == 0).all(), "an image without faces gets a zero gradient"
+    assert (grad[0] != 0).any() and (grad[2] != 0).any()
+
+
+@pytest.mark.parametrize("value_range", [(0.0, 1.0), (0.0, 255.0), (-3.0, 5.0)])
+def test_value_range(value_range):
+    images, lmk, index = random_problem(2, 3, 30, 30, 3)
+    lo, hi = value_range
+    expected = face_warp(images, lmk, index, size=16, backend="torch")
+    scaled = (images + 1) / 2 * (hi - lo) + lo
+    got = face_warp(scaled, lmk, index, size=16, value_range=value_range, backend="torch")
+    torch.testing.assert_close(got, expected, atol=1e-5 * max(1, hi - lo), rtol=0, msg=f"crops value_range={value_range}")
+
+
+def test_strides_dtypes_and_empty():
+    images, lmk, index = random_problem(2, 3, 24, 20, 3)
+    expected = face_warp(images, lmk, index, size=16, interpolation="bicubic", backend="torch")
+    junk = torch.full_like(images, float("nan"))  # a read outside the view would show as NaN
+    for name, view in (("channels_last", images.contiguous(memory_format=torch.channels_last)),
+                       ("step-2 view", torch.stack([images, junk], -1).flatten(-2)[..., ::2]),
+                       ("transposed view", images.transpose(2, 3).contiguous().transpose(2, 3))):
+        got = face_warp(view, lmk, index, size=16, interpolation="bicubic", backend="torch")
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0, msg=name)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        got = face_warp(images.to(dtype), lmk, index, size=16, interpolation="bicubic", backend="torch")
+        assert got.dtype == dtype, f"crops dtype {got.dtype} for {dtype} images"
+        torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=0, msg=f"crops {dtype}")
+    empty = face_warp(images, lmk[:0], index[:0], size=16)
+    assert empty.shape == (0, 3, 16, 16) and empty.dtype == images.dtype
+
+
+@pytest.mark.parametrize("interpolation", INTERPS)
+def test_gradcheck_reference_float64(interpolation):
+    images, lmk, index = random_problem(2, 2, 6, 7, 3, dtype=torch.float64, seed=5, spread=0.2)
+    m, _ = fit_matrices_ref(lmk.double(), 5)
+    images.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: face_warp_ref(x, m, index, 5, interpolation, (-1.0, 2.0)), (images,))
+    assert torch.autograd.gradcheck(lambda x: face_warp(x, lmk, index, size=5, interpolation=interpolation, backend="torch"), (images,))
+
+
+# ---------------------------------------------------------------- validation
+
+def _bad_cases():
+    images, lmk, index = random_problem(2, 3, 20, 20, 2)
+    line = torch.stack([torch.arange(5.0), 2 * torch.arange(5.0)], -1)
+    ok = dict(images=images, landmarks=lmk, image_index=index)
+    return [
+        ("images", dict(ok, images=images[0])),
+        ("images", dict(ok, images=images.to(torch.uint8))),
+        ("images", dict(ok, images=images[:, :, :0])),
+        ("landmarks", dict(ok, landmarks=lmk[:, :4])),
+        ("landmarks", dict(ok, landmarks=lmk.flatten(1))),
+        ("image_index", dict(ok, image_index=index[:1])),
+        ("image_index", dict(ok, image_index=index.float())),
+        ("image_index", dict(ok, image_index=torch.tensor([0, 2]))),
+        ("image_index", dict(ok, image_index=torch.tensor([-1, 0]))),
+        ("landmarks", dict(ok, landmarks=lmk.masked_fill(torch.rand(lmk.shape) < 0.1, float("nan")))),
+        ("landmarks", dict(ok, landmarks=lmk.clone().index_fill_(0, torch.tensor([1]), float("inf")))),
+        ("landmarks", dict(ok, landmarks=torch.stack([lmk[0], torch.full((5, 2), 7.0)]))),
+        ("landmarks", dict(ok, landmarks=torch.stack([lmk[0], line + 3]))),
+        ("size", dict(ok, size=0)),
+        ("size", dict(ok, size=3.5)),
+        ("transform", dict(ok, transform="projective")),
+        ("interpolation", dict(ok, interpolation="nearest")),
+        ("value_range", dict(ok, value_range=(1.0, 1.0))),
+        ("value_range", dict(ok, value_range=(1.0, -1.0))),
+        ("value_range", dict(ok, value_range=(0.0, float("inf")))),
+        ("backend", dict(ok, backend="cuda")),
+    ]
+
+
+@pytest.mark.parametrize("argname,kwargs", _bad_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input_raises_value_error_naming_the_argument(argname, kwargs):
+    kwargs = dict(kwargs)
+    args = [kwargs.pop(k) for k in ("images", "landmarks", "image_index")]
+    with pytest.raises(ValueError, match=argname):
+        face_warp(*args, **kwargs)
+
+
+def test_degenerate_and_nearly_degenerate_landmarks():
+    good = arcface_template(112, dtype=torch.float32)
+    for name, bad in (("all equal", torch.full((5, 2), 500.0)), ("collinear", good * torch.tensor([1.0, 0.0])),
+                      ("nearly collinear", good * torch.tensor([1.0, 1e-3]))):
+        with pytest.raises(ValueError, match="landmarks"):
+            face_warp_matrices(bad[None])
+        assert fit_matrices_ref(bad[None])[1].all(), name
+    # a near-profile face (eigenvalue ratio ~0.24) and a squashed one are still fine, and finite
+    for lmk in (torch.tensor(FIXTURE["t1"][4]), good * torch.tensor([1.0, 0.1])):
+        for transform in ("similarity", "affine"):
+            assert torch.isfinite(face_warp_matrices(lmk[None], transform=transform)).all()
+    with pytest.raises(ValueError, match="landmarks"):
+        face_warp_matrices(torch.zeros(2, 5, 3))
+    with pytest.raises(ValueError, match="size"):
+        face_warp_matrices(good[None], size=0)
+    with pytest.raises(ValueError, match="transform"):
+        face_warp_matrices(good[None], transform="rigid")
+    assert face_warp_matrices(good[:0].reshape(0, 5, 2)).shape == (0, 2, 3)
+    assert math.isclose(float(face_warp_matrices(good[None] * 2)[0, 0, 0]), 2.0, rel_tol=1e-6)
+
+
+# ---------------------------------------------------------------- Triton kernels
+
+def _triton_vs_reference(images, lmk, index, size, transform, interpolation, grad_out=None):
+    """(crops, images.grad) of backend="triton" and of the reference, with one shared upstream gradient."""
+    x = images.detach().clone().requires_grad_(True)
+    y = images.detach().clone().requires_grad_(True)
+    out_t = face_warp(x, lmk, index, size=size, transform=transform, interpolation=interpolation, backend="triton")
+    out_r = face_warp(y, lmk, index, size=size, transform=transform, interpolation=interpolation, backend="torch")
+    grad_out = torch.randn(out_r.shape, dtype=torch.float32).to(out_r) if grad_out is None else grad_out
+    (g_t,) = torch.autograd.grad(out_t, x, grad_out)
+    (g_r,) = torch.autograd.grad(out_r, y, grad_out)
+    return out_t, out_r, g_t, g_r
+
+
+@needs_interpreter
+@pytest.mark.parametrize("transform", ["similarity", "affine"])
+@pytest.mark.parametrize("interpolation", INTERPS)
+def test_triton_interpreter_matches_reference(interpolation, transform):
+    images, lmk, index = random_problem(2, 3, 24, 20, 3, seed=11)
+    out_t, out_r, g_t, g_r = _triton_vs_reference(images, lmk, index, 16, transform, interpolation)
+    assert out_t.shape == (3, 3, 16, 16) and out_t.dtype == torch.float32
+    assert (out_r == -1).any(), "test set-up: some crop pixels must lie outside the image"
+    torch.testing.assert_close(out_t, out_r, atol=1e-4, rtol=0, msg="crops")
+    torch.testing.assert_close(g_t, g_r, atol=1e-4, rtol=1e-4, msg="images.grad")
+
+
+@needs_interpreter
+def test_triton_interpreter_size_112_strides_and_index_dtype():
+    images, lmk, index = random_problem(2, 3, 24, 20, 3, seed=12)
+    junk = torch.full_like(images, float("nan"))
+    view = torch.stack([images, junk], -1).flatten(-2)[..., ::2]  # W stride 2, NaN between the pixels
+    lmk = torch.stack([lmk, lmk], 1)[:, 0].double()  # float64, non-contiguous landmarks
+    grad_out = torch.randn(1, 1, 1, 1).expand(3, 3, 112, 112)  # stride-0 upstream gradient
+    out_t, out_r, g_t, g_r = _triton_vs_reference(view, lmk, index.int(), 112, "similarity", "bicubic", grad_out)
+    torch.testing.assert_close(out_t, out_r, atol=1e-4, rtol=0, msg="crops (size 112, strided)")
+    torch.testing.assert_close(g_t, g_r, atol=1e-3, rtol=1e-4, msg="images.grad (size 112, stride-0 grad_out)")
+
+
+@needs_interpreter
+def test_triton_fit_matches_reference_fit_and_flags():
+    from idflux.kernels.face_warp import _fit_triton
+
+    g = torch.Generator().manual_seed(13)
+    good = arcface_template(112, dtype=torch.float32)
+    lmk = torch.cat([random_landmarks(37, 900, 1200, g, noise=2.0),
+                     torch.stack([torch.full((5, 2), 300.0), good * torch.tensor([1.0, 0.0]) + 5, good * torch.tensor([1.0, 1e-4]),
+                                  good.flip(0) * torch.tensor([-1.0, 1.0])])])
+    for transform in ("similarity", "affine"):
+        for size in (112, 33):
+            m_t, flag_t = _fit_triton(lmk, size, transform)
+            m_r, flag_r = fit_matrices_ref(lmk, size, transform)
+            assert flag_t.tolist() == flag_r.tolist(), f"degenerate flags {transform} size {size}"
+            assert flag_t[-4:-1].all() and not flag_t[:37].any()
+            ok = ~flag_r
+            torch.testing.assert_close(m_t[ok], m_r[ok], atol=2e-3, rtol=1e-4, msg=f"matrices {transform} size {size}")
+            assert torch.isfinite(m_t).all(), "degenerate faces must still give finite matrices"
+
+
+def test_auto_takes_torch_on_cpu_and_triton_path_validates():
+    images, lmk, index = random_problem(1, 3, 20, 20, 2)
+    auto = face_warp(images, lmk, index, size=16)
+    torch.testing.assert_close(auto, face_warp(images, lmk, index, size=16, backend="torch"), atol=0, rtol=0)
+    if HAS_TRITON and INTERPRET:
+        with pytest.raises(ValueError, match="landmarks"):  # validation also runs on the Triton path
+            face_warp(images, torch.stack([lmk[0], torch.zeros(5, 2)]), index, backend="triton")
+
+
+def _low_precision_check(out_t, out_r, g_t, g_r, out_32, g_32, name):
+    """The kernel's low-precision error is <= 2x (forward) / 3x (gradient) the reference's own (+ 3e-4: the
+    Triton fit runs in fp32, sample points move by ~1e-4 px at 1024^2 against the float64 fit)."""
+    for what, ours, ref, exact, factor in (("crops", out_t, out_r, out_32, 2), ("images.grad", g_t, g_r, g_32, 3)):
+        err_t = (ours.float() - exact).abs().max().item()
+        err_r = (ref.float() - exact).abs().max().item()
+        assert err_t <= factor * err_r + 3e-4, f"{name} {what}: triton error {err_t:.2e} vs reference {err_r:.2e}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("transform", ["similarity", "affine"])
+@pytest.mark.parametrize("interpolation", INTERPS)
+def test_triton_cuda_matches_reference(interpolation, transform):
+    images, lmk, index = random_problem(4, 3, 257, 311, 9, seed=21)
+    images, lmk, index = images.cuda(), lmk.cuda(), index.cuda()
+    grad_out = torch.randn(9, 3, 112, 112, device="cuda")
+    out_t, out_r, g_t, g_r = _triton_vs_reference(images, lmk, index, 112, transform, interpolation, grad_out)
+    # fp32 Triton fit vs float64 reference fit: ~1e-4 px apart, up to ~3e-4 on random-noise images
+    torch.testing.assert_close(out_t, out_r, atol=1e-3, rtol=0, msg="crops fp32")
+    torch.testing.assert_close(g_t, g_r, atol=2e-3, rtol=1e-3, msg="images.grad fp32")
+    for dtype in (torch.float16, torch.bfloat16):
+        low = _triton_vs_reference(images.to(dtype), lmk, index, 112, transform, interpolation, grad_out.to(dtype))
+        assert low[0].dtype == dtype and low[2].dtype == dtype
+        _low_precision_check(*low, out_r, g_r, f"{dtype}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_cuda_large_image_channels_last():
+    images, lmk, index = random_problem(2, 3, 1024, 1024, 8, seed=22)
+    images = images.cuda().contiguous(memory_format=torch.channels_last)
+    out_t, out_r, g_t, g_r = _triton_vs_reference(images, lmk.cuda(), index.cuda(), 112, "similarity", "bicubic")
+    torch.testing.assert_close(out_t, out_r, atol=1e-3, rtol=0, msg="crops 1024^2")
+    torch.testing.assert_close(g_t, g_r, atol=2e-3, rtol=1e-3, msg="images.grad 1024^2")
