@@ -12,13 +12,13 @@ set -uo pipefail
 OUT_DIR=${1:-gpu_results}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 mkdir -p "$OUT_DIR"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRITON_INTERPRET=0
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRITON_INTERPRET=0 IDFLUX_GPU_SUITE=1
 PY=${PYTHON:-python3}
 cd "$ROOT"
 status=0
 $PY -m idflux env > "$OUT_DIR/env.txt" 2>&1 || status=1
 cat "$OUT_DIR/env.txt"
-timeout 300 $PY -m pytest -q -rs -p no:cacheprovider tests/kernels tests/bench_perf tests/test_cli.py 2>&1 | tee "$OUT_DIR/tests.log"
+timeout 300 $PY -m pytest -q -rs -p no:cacheprovider tests/kernels tests/bench_perf tests/engine tests/test_cli.py tests/test_environment.py 2>&1 | tee "$OUT_DIR/tests.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 timeout 360 $PY -m idflux bench --device cuda --out "$OUT_DIR/bench_cuda.json" --plot "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
