@@ -9,6 +9,6 @@ import pytest
 
 
 @pytest.mark.skipif(os.environ.get("IDFLUX_GPU_SUITE") == "1", reason="GPU suite machine: optional oracles absent by design")
-@pytest.mark.parametrize("module", ["kornia", "insightface", "insightface.utils.face_align", "skimage", "cv2", "onnxruntime", "scipy"])
+@pytest.mark.parametrize("module", ["diffusers", "transformers", "kornia", "insightface", "insightface.utils.face_align", "skimage", "cv2", "onnxruntime", "scipy"])
 def test_oracle_package_importable(module):
     importlib.import_module(module)

@@ -3,6 +3,8 @@ import math
 import pytest
 import torch
 
+pytest.importorskip("diffusers")  # absent on the GPU-suite machine; required on CPU runs (test_environment)
+
 from idflux.engine.adapter import IdentityAdapter, RegionLayout, tiny_adapter
 from idflux.engine.flux import flux_forward, image_ids, pack_latents, tiny_flux_transformer, unpack_latents
 from idflux.engine.regions import boxes_to_membership
