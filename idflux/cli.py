@@ -1,4 +1,4 @@
-"""The ``idflux`` command line: ``idflux bench``, ``idflux env``."""
+"""The ``idflux`` command line: ``idflux bench``, ``idflux env``, ``idflux eval``."""
 
 from __future__ import annotations
 
@@ -63,7 +63,10 @@ def _cmd_bench(args) -> int:
     for op in args.ops or OPS:
         module = importlib.import_module(f"idflux.bench_perf.bench_{op}")
         print(f"# {op} on {device}")
-        rows += harness.run_cases(module.cases(device, args.quick), device, budget_s=args.budget)
+        cases = module.cases(device, args.quick)
+        if args.op_budget:
+            cases = harness.time_limited(cases, args.op_budget, log=print)
+        rows += harness.run_cases(cases, device, budget_s=args.budget)
         pairs += module.SUMMARY
     summary = harness.speedups(rows, pairs)
     if summary:
@@ -98,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="folder for PNG plots drawn from --out")
     p.add_argument("--quick", action="store_true", help="smallest sweep only (smoke test)")
     p.add_argument("--budget", type=float, default=1.0, help="CPU: seconds of repeats per case, at least 3 repeats (default 1.0)")
+    p.add_argument("--op-budget", type=float, default=None,
+                   help="seconds per op: stop starting new cases of an op after this (rows so far are kept)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any provider failed")
     p.set_defaults(func=_cmd_bench)
 
@@ -105,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print torch/triton/CUDA versions, the device, and which backend each op takes.")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_env)
+
+    from idflux.eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

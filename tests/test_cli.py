@@ -10,7 +10,7 @@ import pytest
 from idflux.cli import main
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["env", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["env", "--help"], ["eval", "--help"]])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # GPU suite: the GPU tests and every GPU benchmark, from the source tree, on a CUDA machine that
 # already has torch and triton (nothing else is installed; tests of optional oracles such as
-# kornia or insightface skip themselves there). Writes into OUT_DIR (default ./gpu_results):
-#   env.txt         idflux env (device, versions, backends)
-#   tests.log       pytest output (kernels compiled, larger shapes, fp16/bf16)
-#   bench_cuda.json benchmark rows (device, versions, commit in each row) + speed-ups
-#   bench.log       the same rows as printed
-#   <op>.png        one plot per op, drawn from bench_cuda.json
-# Budget: under 8 minutes on an H100/H200.
+# kornia, insightface or diffusers skip themselves there). Writes into OUT_DIR (default ./gpu_results):
+#   env.txt          idflux env (device, versions, backends)
+#   tests.log        pytest output (kernels compiled, larger shapes, fp16/bf16)
+#   bench.log        benchmark rows as printed
+#   bench_cuda.json  benchmark rows (device, versions, commit in each row) + speed-ups
+#   <op>.png         one plot per op, drawn from bench_cuda.json
+# Budget: about 6 minutes on an H100/H200 (tests <= 170 s, each op's sweep stops after 100 s).
 set -uo pipefail
 OUT_DIR=${1:-gpu_results}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -16,11 +16,12 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_O
 PY=${PYTHON:-python3}
 cd "$ROOT"
 status=0
-$PY -m idflux env > "$OUT_DIR/env.txt" 2>&1 || status=1
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; $PY -m idflux env; } > "$OUT_DIR/env.txt" 2>&1 || status=1
 cat "$OUT_DIR/env.txt"
-timeout 300 $PY -m pytest -q -rs -p no:cacheprovider tests/kernels tests/bench_perf tests/engine tests/test_cli.py tests/test_environment.py 2>&1 | tee "$OUT_DIR/tests.log"
+timeout 170 $PY -m pytest -q -rs -p no:cacheprovider --durations=15 \
+  tests/kernels tests/engine tests/losses tests/bench_perf tests/test_cli.py tests/test_environment.py 2>&1 | tee "$OUT_DIR/tests.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
-timeout 360 $PY -m idflux bench --device cuda --out "$OUT_DIR/bench_cuda.json" --plot "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench.log"
+timeout 400 $PY -m idflux bench --device cuda --op-budget 100 --out "$OUT_DIR/bench_cuda.json" --plot "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 echo "gpu_suite: exit $status; results in $OUT_DIR"
 exit $status

@@ -19,7 +19,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -147,6 +147,16 @@ def environment(device: torch.device) -> dict:
         "commit": git_commit(),
         "python": platform.python_version(),
     }
+
+
+def time_limited(cases: Iterable[Case], seconds: float, *, log: Callable[[str], None] = print) -> Iterator[Case]:
+    """Yield cases until ``seconds`` have passed since the first one was requested."""
+    start = time.perf_counter()
+    for case in cases:
+        if time.perf_counter() - start > seconds:
+            log(f"# time budget of {seconds:.0f} s reached: remaining cases of {case.op} skipped")
+            return
+        yield case
 
 
 def run_cases(cases: Iterable[Case], device: torch.device, *, budget_s: float = 1.0, log: Callable[[str], None] = print) -> list[dict]:

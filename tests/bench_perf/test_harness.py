@@ -27,3 +27,15 @@ def test_failing_case_becomes_an_error_row():
 
     rows = harness.run_cases([harness.Case("toy", "x", "fwd", {}, "fp32", boom)], torch.device("cpu"), log=lambda s: None)
     assert rows[0]["ms"] is None and "nope" in rows[0]["error"]
+
+
+def test_time_limited_stops_starting_cases():
+    import time
+
+    def slow():
+        for i in range(10):
+            yield harness.Case("toy", "p", "fwd", {"i": i}, "fp32", lambda: None)
+            time.sleep(0.05)
+
+    seen = list(harness.time_limited(slow(), 0.12, log=lambda s: None))
+    assert 1 < len(seen) < 10

@@ -332,6 +332,15 @@ def test_triton_backend_without_interpreter_is_a_clear_error(monkeypatch):
         region_attention(q, k, v, mem, offs, backend="triton")
 
 
+def attention_in_dtype(q, k, v, mem, offs):
+    """PyTorch's own attention carried out in q's (low) precision: the error budget of the kernel."""
+    mask = dense_mask_from_membership(mem, offs, k.shape[2])[:, None]
+    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    s = s.masked_fill(~mask, float("-inf")).masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    out = torch.softmax(s, dim=-1) @ v
+    return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("Nq,D,spans", [(1024, 64, [[264] * 4]), (4097, 64, [[8] * 4]), (147, 128, [[100, 3, 0, 37]]), (1023, 64, [[264, 264]])])
@@ -339,22 +348,34 @@ def test_kernel_low_precision_cuda(dtype, Nq, D, spans):
     q, k, v, mem, offs = random_case(2, 4, Nq, D, spans * 2, dtype=torch.float32, device="cuda")
     ref = [t.double().requires_grad_() for t in (q, k, v)]
     low = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    lowt = [t.detach().clone().requires_grad_() for t in low]
     out_ref = region_attention(*ref, mem, offs, backend="torch")
-    lowt = [t.detach().requires_grad_() for t in low]
-    out_torch_low = region_attention(*lowt, mem, offs, backend="torch")
+    out_torch_low = attention_in_dtype(*lowt, mem, offs)
     out = region_attention(*low, mem, offs, backend="triton")
-    g = torch.randn_like(out_ref)
+    assert out.dtype == dtype
     err_kernel = (out.double() - out_ref).abs().max().item()
     err_torch = (out_torch_low.double() - out_ref).abs().max().item()
-    assert err_kernel <= 2 * err_torch + 1e-6, f"out: kernel error {err_kernel} > 2x torch {dtype} error {err_torch}"
+    assert err_kernel <= 2 * err_torch + 1e-5, f"out: kernel error {err_kernel} > 2x torch {dtype} error {err_torch}"
+    g = torch.randn_like(out_ref)
     want = torch.autograd.grad(out_ref, ref, g)
     got = torch.autograd.grad(out, low, g.to(dtype))
     base = torch.autograd.grad(out_torch_low, lowt, g.to(dtype))
     for name, a, b, w in zip(("dq", "dk", "dv"), got, base, want):
         ek, et = (a.double() - w).abs().max().item(), (b.double() - w).abs().max().item()
-        assert ek <= 3 * et + 1e-5, f"{name}: kernel error {ek} > 3x torch {dtype} error {et}"
+        assert torch.isfinite(a).all(), f"{name} not finite"
+        assert ek <= 3 * et + 1e-4, f"{name}: kernel error {ek} > 3x torch {dtype} error {et}"
     empty = mem == 0
     assert (out.transpose(1, 2)[empty] == 0).all() and (got[0].transpose(1, 2)[empty] == 0).all()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_packed_bf16_cuda_matches_dense():
+    q, k, v, mem, offs = random_case(2, 24, 4096, 64, [[264] * 4, [264, 264, 0, 0]], p_in=0.3, device="cuda")
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    dense = region_attention(q, k, v, mem, offs, backend="triton")
+    b_idx, t_idx = (mem != 0).nonzero(as_tuple=True)
+    packed = region_attention_packed(q[b_idx, :, t_idx], k, v, mem[b_idx, t_idx], b_idx, offs, backend="triton")
+    torch.testing.assert_close(packed, dense[b_idx, :, t_idx])
 
 
 def test_non_tensor_input_is_a_type_error():
