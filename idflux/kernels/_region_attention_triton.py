@@ -44,7 +44,11 @@ def _tile_rows(TILES, PERM, pid_m, tiles_per_image, Nq, BLOCK_M: tl.constexpr, P
     return b, rows, row_mask
 
 
-@triton.jit
+# Sizes vary from call to call (token counts, references): compile once, not per value.
+_DYNAMIC = ["Nq", "tiles_per_image", "R", "D"]
+
+
+@triton.jit(do_not_specialize=_DYNAMIC)
 def _region_attention_fwd(
     Q, K, V, O, LSE, MEM, OFFS, TILES, PERM,
     stride_qb, stride_qh, stride_qn,
@@ -107,7 +111,7 @@ def _region_attention_fwd(
     tl.store(lse_ptrs, tl.where(has, m_i + tl.log2(l_safe), float("inf")), mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DYNAMIC)
 def _region_attention_bwd(
     Q, K, V, O, DO, DQ, DK, DV, LSE, MEM, OFFS, TILES, PERM,
     stride_qb, stride_qh, stride_qn,
