@@ -25,6 +25,12 @@ import torch
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 
+# The bwd mode replays one graph's backward (retain_graph=True); torch.compile'd providers
+# (FlexAttention, the compiled references) refuse that while their buffers are donated.
+import torch._functorch.config  # noqa: E402
+
+torch._functorch.config.donated_buffer = False
+
 
 @dataclass
 class Case:

@@ -140,10 +140,14 @@ def _cosine_infonce_merge_kernel(
     du = (acc / l_tot - v) * inv_tau
     proj = tl.where(g_norm >= eps, u * tl.sum(u * du, 0), 0.0)
     dg = (du - proj) / tl.maximum(g_norm, eps)
+    # A row with no candidate left is exactly loss 0, gradient 0 (p_pos = 1). Say so explicitly:
+    # on a GPU the approximate exp/div leave ~1e-9 residues where the algebra gives 0.
+    has_neg = tl.max(pm, 0) > -1.0e29
+    dg = tl.where(has_neg, dg, 0.0)
 
-    tl.store(loss_ptr + row, lse - s_pos)
-    tl.store(lse_ptr + row, lse)
-    tl.store(ppos_ptr + row, tl.exp(s_pos - lse))
+    tl.store(loss_ptr + row, tl.where(has_neg, lse - s_pos, 0.0))
+    tl.store(lse_ptr + row, tl.where(has_neg, lse, s_pos))
+    tl.store(ppos_ptr + row, tl.where(has_neg, tl.exp(s_pos - lse), 1.0))
     tl.store(u_ptr + row * D + d, u, mask=dmask)
     tl.store(dg_ptr + row * D + d, dg, mask=dmask)
 
