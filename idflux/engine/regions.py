@@ -40,3 +40,36 @@ def boxes_to_membership(boxes: Sequence[Sequence[Sequence[float]]], height: int,
             c0, r0, c1, r1 = box_token_range(box, height, width)
             out[b, r0:r1, c0:c1] |= 1 << r
     return out.view(len(boxes), gh * gw)
+
+
+#: References per image the product takes (the method's multi-person setting).
+MAX_REFERENCES = 4
+
+
+def parse_boxes(boxes: Sequence[Sequence[float]], n_refs: int, height: int, width: int, *,
+                max_refs: int = MAX_REFERENCES) -> list[tuple[float, float, float, float]]:
+    """Validate one image's boxes and return them in output pixels.
+
+    Boxes are (x1, y1, x2, y2) in output pixels, or all normalised to 0..1 (then every coordinate
+    of every box is <= 1). One box per reference, in reference order.
+    """
+    if n_refs > max_refs:
+        raise ValueError(f"boxes: {n_refs} references given, at most {max_refs} are supported")
+    if len(boxes) != n_refs:
+        raise ValueError(f"boxes: {len(boxes)} boxes for {n_refs} references; give exactly one box per reference")
+    parsed = []
+    for i, box in enumerate(boxes):
+        if len(box) != 4:
+            raise ValueError(f"boxes[{i}] must be (x1, y1, x2, y2), got {box!r}")
+        parsed.append(tuple(float(c) for c in box))
+    normalised = all(0.0 <= c <= 1.0 for box in parsed for c in box)
+    out = []
+    for i, (x1, y1, x2, y2) in enumerate(parsed):
+        if normalised:
+            x1, x2, y1, y2 = x1 * width, x2 * width, y1 * height, y2 * height
+        if not (x2 > x1 and y2 > y1):
+            raise ValueError(f"boxes[{i}] = {parsed[i]} is empty: need x2 > x1 and y2 > y1")
+        if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+            raise ValueError(f"boxes[{i}] = {parsed[i]} lies outside the {width}x{height} image")
+        out.append((x1, y1, x2, y2))
+    return out

@@ -21,3 +21,23 @@ def test_membership_bits_and_layout():
 def test_size_not_multiple_of_16():
     with pytest.raises(ValueError, match="multiples of 16"):
         boxes_to_membership([[(0, 0, 8, 8)]], 40, 64)
+
+
+from idflux.engine.regions import parse_boxes  # noqa: E402
+
+
+def test_parse_boxes_pixels_and_normalised():
+    assert parse_boxes([(0, 0, 32, 32)], 1, 64, 64) == [(0.0, 0.0, 32.0, 32.0)]
+    assert parse_boxes([(0, 0, 0.5, 0.25), (0.5, 0.5, 1, 1)], 2, 64, 128) == [(0, 0, 64, 16), (64, 32, 128, 64)]
+
+
+@pytest.mark.parametrize("boxes,n,match", [
+    ([(0, 0, 10, 10)], 2, "one box per reference"),
+    ([(5, 5, 5, 20)], 1, "empty"),
+    ([(100, 100, 120, 120)], 1, "outside"),
+    ([(0, 0, 10)], 1, r"x1, y1, x2, y2"),
+    ([(0, 0, 8, 8)] * 5, 5, "at most 4"),
+])
+def test_parse_boxes_errors(boxes, n, match):
+    with pytest.raises(ValueError, match=match):
+        parse_boxes(boxes, n, 64, 64)

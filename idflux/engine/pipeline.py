@@ -1,0 +1,129 @@
+"""Generation: prompt + identity inputs + boxes -> image, with the adapter's K/V computed once.
+
+``Pipeline`` holds the frozen FLUX parts and the identity adapter. ``generate`` takes identity
+inputs already embedded (ArcFace embeddings and SigLIP tokens per reference), which is what
+training and evaluation need; the CLI's image-to-image path (faces detected in reference photos)
+feeds the same call.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from idflux.engine.adapter import IdentityAdapter, RegionLayout, tiny_adapter
+from idflux.engine.flux import flux_forward, image_ids, pack_latents, unpack_latents
+from idflux.engine.loading import FluxParts, tiny_flux_parts
+from idflux.engine.profiling import nvtx_range
+from idflux.engine.regions import TOKEN_PIXELS, boxes_to_membership, parse_boxes
+from idflux.engine.sampling import euler_sample, sampling_mu, schedule
+
+
+@dataclass
+class GenerateSettings:
+    """Settings of one generation (written next to the image)."""
+
+    prompt: str
+    boxes: list = field(default_factory=list)
+    """Per reference (x1, y1, x2, y2) in output pixels (or all normalised 0..1)."""
+    size: int = 1024
+    """Output side in pixels (a multiple of 16)."""
+    steps: int = 25
+    guidance: float = 4.0
+    seed: int = 1234
+    id_weight: float = 1.0
+    """Scale of the ArcFace branch's residual."""
+    siglip_weight: float = 1.0
+    """Scale of the SigLIP branch's residual (0 skips the branch)."""
+    released_shift: bool = False
+    """Use the released inference's time shift ((W/8)(H/8)/256 tokens) for parity with its images."""
+
+
+class Pipeline:
+    """FLUX + identity adapter. Build with :meth:`tiny` (random, CPU, seconds) or from local weights."""
+
+    def __init__(self, parts: FluxParts, adapter: IdentityAdapter, *, device="cpu", dtype=torch.float32, backend="auto"):
+        self.parts, self.adapter = parts, adapter
+        self.device, self.dtype, self.backend = torch.device(device), dtype, backend
+        for m in (parts.transformer, parts.vae, parts.clip, parts.t5, adapter):
+            m.to(self.device, dtype)
+
+    @classmethod
+    def tiny(cls, seed: int = 0, **kw) -> "Pipeline":
+        torch.manual_seed(seed)
+        adapter = IdentityAdapter(tiny_adapter())
+        return cls(tiny_flux_parts(seed), adapter, **kw)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T5 states (B, L, joint_dim), CLIP pooled (B, pooled_dim))."""
+        p = self.parts
+        clip_ids = p.clip_tokenizer(prompts, padding="max_length", max_length=p.clip_tokenizer.model_max_length,
+                                    truncation=True, return_tensors="pt").input_ids.to(self.device)
+        pooled = p.clip(clip_ids, output_hidden_states=False).pooler_output
+        t5_ids = p.t5_tokenizer(prompts, padding="max_length", max_length=p.max_text_tokens, truncation=True,
+                                return_tensors="pt").input_ids.to(self.device)
+        states = p.t5(t5_ids, output_hidden_states=False).last_hidden_state
+        return states.to(self.dtype), pooled.to(self.dtype)
+
+    @torch.no_grad()
+    def generate(self, settings: GenerateSettings, arc_emb: torch.Tensor, siglip_tokens: torch.Tensor | None,
+                 *, progress: bool = True) -> torch.Tensor:
+        """One image (1, 3, size, size) in [-1, 1] for ``settings`` and R references.
+
+        arc_emb: (R, arc_dim) raw ArcFace embeddings; siglip_tokens: (R, siglip_tokens, siglip_dim) or None.
+        """
+        size = settings.size
+        if size % TOKEN_PIXELS:
+            raise ValueError(f"size must be a multiple of {TOKEN_PIXELS}, got {size}")
+        R = arc_emb.shape[0]
+        boxes = parse_boxes(settings.boxes, R, size, size)
+        membership = boxes_to_membership([boxes], size, size).to(self.device)
+        layout = RegionLayout.from_membership(membership, R)
+        arc = arc_emb.to(self.device, self.dtype)[None]
+        sig = None if siglip_tokens is None else siglip_tokens.to(self.device, self.dtype)[None]
+        with nvtx_range("adapter.prepare"):
+            ctx = self.adapter.prepare(arc, sig, layout, id_weight=settings.id_weight,
+                                       siglip_weight=settings.siglip_weight, backend=self.backend)
+        txt, pooled = self.encode_prompt([settings.prompt])
+        vae = self.parts.vae
+        lat_ch = vae.config.latent_channels
+        h = w = size // 8
+        gen = torch.Generator(device="cpu").manual_seed(settings.seed)
+        noise = torch.randn(1, lat_ch, h, w, generator=gen).to(self.device, self.dtype)
+        img_ids = image_ids(h // 2, w // 2, device=self.device, dtype=self.dtype)
+        txt_ids = torch.zeros(txt.shape[1], 3, device=self.device, dtype=self.dtype)
+        guidance = torch.full((1,), settings.guidance, device=self.device, dtype=self.dtype)
+        times = schedule(settings.steps, sampling_mu(size, size, released_parity=settings.released_shift))
+
+        def velocity(x, t):
+            return flux_forward(self.parts.transformer, x, txt, pooled, t, img_ids, txt_ids, guidance,
+                                adapter=self.adapter, adapter_ctx=ctx)
+
+        tokens = euler_sample(velocity, pack_latents(noise), times, progress=progress)
+        latents = unpack_latents(tokens, h, w)
+        latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        with nvtx_range("vae.decode"):
+            image = vae.decode(latents).sample
+        return image.clamp(-1, 1)
+
+
+def to_pil(image: torch.Tensor):
+    """(1, 3, H, W) in [-1, 1] -> PIL image."""
+    from PIL import Image
+
+    arr = ((image[0].float().permute(1, 2, 0).cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    return Image.fromarray(arr)
+
+
+def save_generation(image: torch.Tensor, settings: GenerateSettings, out: str | Path, extra: dict | None = None) -> Path:
+    """Write the PNG and ``<out>.json`` with the settings used."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(image).save(out)
+    meta = {**asdict(settings), **(extra or {})}
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
+    return out
