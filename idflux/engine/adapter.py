@@ -130,10 +130,9 @@ class IdentityCrossAttention(nn.Module):
         kv = self.to_kv(self.norm_id(id_tokens)).unflatten(-1, (2, self.heads, self.head_dim))
         return kv[..., 0, :, :].transpose(1, 2), kv[..., 1, :, :].transpose(1, 2)
 
-    def forward(self, img: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], layout: RegionLayout,
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], layout: RegionLayout,
                 ref_offsets: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-        """Residual for the in-box tokens only: (T, hidden), rows in ``layout``'s (b_idx, t_idx) order."""
-        x = img[layout.b_idx, layout.t_idx]  # (T, hidden)
+        """x: (T, hidden) the in-box image tokens, in ``layout``'s (b_idx, t_idx) order -> their residual (T, hidden)."""
         q = self.to_q(self.norm_img(x)).unflatten(-1, (self.heads, self.head_dim))
         k, v = kv
         o = region_attention_packed(q, k.to(q.dtype), v.to(q.dtype), layout.packed_membership, layout.b_idx, ref_offsets,
@@ -195,9 +194,10 @@ class IdentityAdapter(nn.Module):
         layout: RegionLayout = ctx["layout"]
         if layout.b_idx.numel() == 0:
             return img
-        res = ctx["id_weight"] * self.arc_blocks[index](img, ctx["arc"][index], layout, ctx["arc_offsets"], backend=ctx["backend"])
+        x = img[layout.b_idx, layout.t_idx]  # (T, hidden): the only tokens that get a residual
+        res = ctx["id_weight"] * self.arc_blocks[index](x, ctx["arc"][index], layout, ctx["arc_offsets"], backend=ctx["backend"])
         if "sig" in ctx:
-            res = res + ctx["siglip_weight"] * self.sig_blocks[index](img, ctx["sig"][index], layout, ctx["sig_offsets"], backend=ctx["backend"])
+            res = res + ctx["siglip_weight"] * self.sig_blocks[index](x, ctx["sig"][index], layout, ctx["sig_offsets"], backend=ctx["backend"])
         return img.index_put((layout.b_idx, layout.t_idx), res.to(img.dtype), accumulate=True)
 
     def apply_dense(self, index: int, img: torch.Tensor, arc_emb, siglip_tokens, membership: torch.Tensor, *,

@@ -32,19 +32,15 @@ def region_attention_ref(q, k, v, membership, ref_offsets, scale=None):
     B, H, Nq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     acc = torch.promote_types(q.dtype, torch.float32)
-    members = membership.cpu().tolist()
     offsets = ref_offsets.cpu().tolist()
     rows_all, outs = [], []
     for b in range(B):
-        groups: dict[int, list[int]] = {}
-        for i, pattern in enumerate(members[b]):
-            if pattern:
-                groups.setdefault(pattern, []).append(i)
-        for pattern, rows in groups.items():
-            keys = pattern_keys(pattern, offsets[b])
-            if not keys:  # bits set only on empty references: nothing to attend to
+        patterns, inverse = torch.unique(membership[b], return_inverse=True)
+        for j, pattern in enumerate(patterns.tolist()):
+            keys = pattern_keys(pattern, offsets[b]) if pattern else []
+            if not keys:  # no bit, or bits only on empty references: nothing to attend to
                 continue
-            rows_t = torch.tensor(rows, device=q.device)
+            rows_t = (inverse == j).nonzero().squeeze(1)
             keys_t = torch.tensor(keys, device=q.device)
             qs = q[b, :, rows_t].to(acc)
             ks = k[b, :, keys_t].to(acc)
