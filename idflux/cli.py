@@ -1,4 +1,4 @@
-"""The ``idflux`` command line: ``idflux bench``, ``idflux env``, ``idflux eval``."""
+"""The ``idflux`` command line: ``idflux bench``, ``idflux env``, ``idflux generate``, ``idflux eval``."""
 
 from __future__ import annotations
 
@@ -111,8 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_env)
 
+    from idflux.engine.cli import add_generate_parser
     from idflux.eval.cli import add_eval_parser
 
+    add_generate_parser(sub)
     add_eval_parser(sub)
     return parser
 

@@ -49,7 +49,9 @@ class Pipeline:
         self.parts, self.adapter = parts, adapter
         self.device, self.dtype, self.backend = torch.device(device), dtype, backend
         for m in (parts.transformer, parts.vae, parts.clip, parts.t5, adapter):
-            m.to(self.device, dtype)
+            m.to(self.device)
+            if any(p.dtype != dtype for p in m.parameters()):
+                m.to(dtype)
 
     @classmethod
     def tiny(cls, seed: int = 0, **kw) -> "Pipeline":
