@@ -7,7 +7,7 @@ import importlib
 import json
 import sys
 
-OPS = ("region_attention", "cosine_infonce", "face_warp", "adapter")
+OPS = ("region_attention", "cosine_infonce", "face_warp", "adapter", "sample")
 
 
 def _cmd_env(args) -> int:
@@ -85,8 +85,41 @@ def _cmd_bench(args) -> int:
     elif args.plot:
         print("idflux bench: --plot needs --out (plots are drawn from the results file)", file=sys.stderr)
         return 2
+    if args.profile:
+        for path in _profile_ops(args, device):
+            print(f"wrote {path}")
     failed = [r for r in rows if r.get("ms") is None]
     return 1 if failed and args.strict else 0
+
+
+def _profile_ops(args, device) -> list:
+    """One torch.profiler trace per op (Perfetto / chrome://tracing / TensorBoard), NVTX ranges on."""
+    import importlib as _il
+    from itertools import islice
+    from pathlib import Path
+
+    import torch
+
+    from idflux.engine.profiling import enable_nvtx
+
+    enable_nvtx(True)
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    written = []
+    for op in args.ops or OPS:
+        module = _il.import_module(f"idflux.bench_perf.bench_{op}")
+        with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+            for case in islice(module.cases(device, True), args.profile_cases):
+                with torch.profiler.record_function(f"{case.op}/{case.provider}/{case.mode}"):
+                    case.fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+        path = out / f"{op}_trace.json"
+        prof.export_chrome_trace(str(path))
+        written.append(path)
+    enable_nvtx(False)
+    return written
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=1.0, help="CPU: seconds of repeats per case, at least 3 repeats (default 1.0)")
     p.add_argument("--op-budget", type=float, default=None,
                    help="seconds per op: stop starting new cases of an op after this (rows so far are kept)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="also write a torch.profiler trace per op (the --quick sweep's first cases) into DIR")
+    p.add_argument("--profile-cases", type=int, default=6, help="cases per op traced with --profile (default 6)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any provider failed")
     p.set_defaults(func=_cmd_bench)
 

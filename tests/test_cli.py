@@ -56,3 +56,10 @@ def test_bench_cuda_without_cuda_is_a_clear_error(capsys):
 def test_bench_rejects_unknown_op(capsys):
     assert main(["bench", "not_an_op"]) == 2
     assert "unknown op" in capsys.readouterr().err
+
+
+def test_bench_profile_writes_trace(tmp_path):
+    assert main(["bench", "region_attention", "--quick", "--budget", "0", "--profile", str(tmp_path), "--profile-cases", "2"]) == 0
+    trace = json.loads((tmp_path / "region_attention_trace.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert any(n and n.startswith("region_attention/") for n in names)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from idflux.engine.profiling import nvtx_range
 from idflux.kernels import region_attention_packed
 from idflux.kernels.region_attention_ref import dense_mask_from_membership
 
@@ -135,8 +136,9 @@ class IdentityCrossAttention(nn.Module):
         """x: (T, hidden) the in-box image tokens, in ``layout``'s (b_idx, t_idx) order -> their residual (T, hidden)."""
         q = self.to_q(self.norm_img(x)).unflatten(-1, (self.heads, self.head_dim))
         k, v = kv
-        o = region_attention_packed(q, k.to(q.dtype), v.to(q.dtype), layout.packed_membership, layout.b_idx, ref_offsets,
-                                    scale=1.0 / math.sqrt(self.head_dim), backend=backend)
+        with nvtx_range("kernel.region_attention"):
+            o = region_attention_packed(q, k.to(q.dtype), v.to(q.dtype), layout.packed_membership, layout.b_idx, ref_offsets,
+                                        scale=1.0 / math.sqrt(self.head_dim), backend=backend)
         return self.to_out(o.flatten(1))
 
     def forward_dense(self, img: torch.Tensor, id_tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

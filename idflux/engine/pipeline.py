@@ -17,6 +17,7 @@ import torch
 from idflux.engine.adapter import IdentityAdapter, RegionLayout, tiny_adapter
 from idflux.engine.flux import flux_forward, image_ids, pack_latents, unpack_latents
 from idflux.engine.loading import FluxParts, tiny_flux_parts
+from idflux.engine.lowvram import on_device, store_linears_fp8
 from idflux.engine.profiling import nvtx_range
 from idflux.engine.regions import TOKEN_PIXELS, boxes_to_membership, parse_boxes
 from idflux.engine.sampling import euler_sample, sampling_mu, schedule
@@ -45,13 +46,20 @@ class GenerateSettings:
 class Pipeline:
     """FLUX + identity adapter. Build with :meth:`tiny` (random, CPU, seconds) or from local weights."""
 
-    def __init__(self, parts: FluxParts, adapter: IdentityAdapter, *, device="cpu", dtype=torch.float32, backend="auto"):
+    def __init__(self, parts: FluxParts, adapter: IdentityAdapter, *, device="cpu", dtype=torch.float32, backend="auto",
+                 offload: bool = False, fp8: bool = False):
+        """offload: keep the text encoders and the VAE on the CPU, moving each to ``device`` only for its
+        stage. fp8: store the frozen FLUX transformer's Linear weights in float8 (upcast per matmul)."""
         self.parts, self.adapter = parts, adapter
-        self.device, self.dtype, self.backend = torch.device(device), dtype, backend
+        self.device, self.dtype, self.backend, self.offload = torch.device(device), dtype, backend, offload
         for m in (parts.transformer, parts.vae, parts.clip, parts.t5, adapter):
-            m.to(self.device)
             if any(p.dtype != dtype for p in m.parameters()):
                 m.to(dtype)
+            if not (offload and m in (parts.vae, parts.clip, parts.t5)):
+                m.to(self.device)
+        if fp8:
+            store_linears_fp8(parts.transformer)
+            parts.transformer.to(self.device)
 
     @classmethod
     def tiny(cls, seed: int = 0, **kw) -> "Pipeline":
@@ -65,10 +73,12 @@ class Pipeline:
         p = self.parts
         clip_ids = p.clip_tokenizer(prompts, padding="max_length", max_length=p.clip_tokenizer.model_max_length,
                                     truncation=True, return_tensors="pt").input_ids.to(self.device)
-        pooled = p.clip(clip_ids, output_hidden_states=False).pooler_output
+        with on_device(p.clip, self.device, self.offload):
+            pooled = p.clip(clip_ids, output_hidden_states=False).pooler_output
         t5_ids = p.t5_tokenizer(prompts, padding="max_length", max_length=p.max_text_tokens, truncation=True,
                                 return_tensors="pt").input_ids.to(self.device)
-        states = p.t5(t5_ids, output_hidden_states=False).last_hidden_state
+        with on_device(p.t5, self.device, self.offload):
+            states = p.t5(t5_ids, output_hidden_states=False).last_hidden_state
         return states.to(self.dtype), pooled.to(self.dtype)
 
     @torch.no_grad()
@@ -108,7 +118,7 @@ class Pipeline:
         tokens = euler_sample(velocity, pack_latents(noise), times, progress=progress)
         latents = unpack_latents(tokens, h, w)
         latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        with nvtx_range("vae.decode"):
+        with nvtx_range("vae.decode"), on_device(vae, self.device, self.offload):
             image = vae.decode(latents).sample
         return image.clamp(-1, 1)
 

@@ -85,3 +85,26 @@ def test_missing_flux_file_is_a_clear_error(tmp_path, missing):
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     with pytest.raises(FileNotFoundError, match=missing.split("/")[0]):
         load_flux(tmp_path, dtype=torch.float32)
+
+
+def test_fp8_storage_and_offload_stay_close_to_full_precision():
+    from idflux.engine.lowvram import Fp8Linear
+
+    full = Pipeline.tiny(backend="torch")
+    low = Pipeline.tiny(backend="torch", offload=True, fp8=True)
+    assert any(isinstance(m, Fp8Linear) for m in low.parts.transformer.modules())
+    assert next(low.parts.vae.parameters()).device.type == "cpu"
+    arc, sig = identity_inputs(full)
+    s = GenerateSettings(prompt="two people", boxes=[(0, 0, 32, 64), (32, 0, 64, 64)], size=64, steps=2, seed=5)
+    a, b = full.generate(s, arc, sig, progress=False), low.generate(s, arc, sig, progress=False)
+    assert (a - b).abs().mean() < 0.05, "fp8 weights must not change the image much"
+
+
+def test_fp8_linear_matches_linear():
+    from idflux.engine.lowvram import Fp8Linear
+
+    lin = torch.nn.Linear(64, 48)
+    q = Fp8Linear(lin)
+    x = torch.randn(5, 64)
+    rel = (q(x) - lin(x)).norm() / lin(x).norm()
+    assert rel < 0.05 and q.weight_fp8.dtype == torch.float8_e4m3fn
