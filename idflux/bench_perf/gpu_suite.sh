@@ -7,6 +7,11 @@
 #   bench.log        benchmark rows as printed
 #   bench_cuda.json  benchmark rows (device, versions, commit in each row) + speed-ups
 #   <op>.png         one plot per op, drawn from bench_cuda.json
+# Optional pure-Python packages travel as wheels in .whl/ (git-ignored), e.g. for the engine's
+# benchmarks (`adapter`, `sample`) and oracle tests:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 kornia==0.9.0 kornia_rs==0.2.0
+# and pass .whl in the device call's `carry`. Without them those parts skip or record an error row.
 # Budget: under 8 minutes on an H100/H200 (tests <= 170 s with pytest-xdist, each op's sweep stops
 # starting cases after 55 s, the whole benchmark <= 300 s).
 set -uo pipefail
@@ -16,6 +21,10 @@ mkdir -p "$OUT_DIR"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRITON_INTERPRET=0 IDFLUX_GPU_SUITE=1
 PY=${PYTHON:-python3}
 cd "$ROOT"
+if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/idflux-site "$ROOT"/.whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/idflux-site"
+fi
 status=0
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; $PY -m idflux env; } > "$OUT_DIR/env.txt" 2>&1 || status=1
 cat "$OUT_DIR/env.txt"

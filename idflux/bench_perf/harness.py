@@ -169,7 +169,17 @@ def run_cases(cases: Iterable[Case], device: torch.device, *, budget_s: float = 
     """Time every case; a case that fails records its error instead of stopping the run."""
     env = environment(device)
     rows = []
-    for case in cases:
+    cases = iter(cases)
+    while True:
+        try:
+            case = next(cases)
+        except StopIteration:
+            break
+        except Exception as exc:  # noqa: BLE001 - a sweep that cannot build its next case ends as an error row
+            rows.append({"op": "?", "provider": "setup", "mode": "-", "shape": {}, "dtype": "-", **env, "ms": None,
+                         "error": f"{type(exc).__name__}: {exc}"})
+            log(format_row(rows[-1]))
+            break
         row = {
             "op": case.op, "provider": case.provider, "mode": case.mode, "shape": case.shape, "dtype": case.dtype,
             **env, "note": case.note, **case.extra,

@@ -39,3 +39,12 @@ def test_time_limited_stops_starting_cases():
 
     seen = list(harness.time_limited(slow(), 0.12, log=lambda s: None))
     assert 1 < len(seen) < 10
+
+
+def test_sweep_that_fails_to_build_ends_with_an_error_row():
+    def broken():
+        yield harness.Case("toy", "p", "fwd", {}, "fp32", lambda: None)
+        raise ImportError("no diffusers here")
+
+    rows = harness.run_cases(broken(), torch.device("cpu"), budget_s=0.0, log=lambda s: None)
+    assert rows[0]["ms"] > 0 and rows[1]["provider"] == "setup" and "no diffusers" in rows[1]["error"]
