@@ -47,15 +47,18 @@ class IdentityLoss(nn.Module):
         return self.recognizer(crops.to(next(self.recognizer.parameters()).dtype))
 
     def forward(self, pred: torch.Tensor, gt: torch.Tensor, landmarks: torch.Tensor, image_index: torch.Tensor,
-                t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (weighted loss, embeddings of the generated faces (F, D) for the contrastive loss)."""
+                t: torch.Tensor | None = None, *, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (weighted loss: mean over faces, or per face (F,) with reduction="none",
+        embeddings of the generated faces (F, D) for the contrastive loss)."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"IdentityLoss: reduction must be 'mean' or 'none', got {reduction!r}")
         if landmarks.shape[0] == 0:
             zero = pred.sum() * 0.0
-            return zero, pred.new_zeros(0, 1)
+            return (zero if reduction == "mean" else pred.new_zeros(0)), pred.new_zeros(0, 1)
         g = self.embed(pred, landmarks, image_index)
         with torch.no_grad():
             target = self.embed(gt, landmarks, image_index)
         per_face = 1.0 - F.cosine_similarity(g.float(), target.float(), dim=-1, eps=1e-6)
         if self.gating == "released" and t is not None:
             per_face = per_face * torch.where(t[image_index] > 0.6, 1e-5, 1.0).to(per_face.dtype)
-        return self.weight * per_face.mean(), g
+        return self.weight * (per_face.mean() if reduction == "mean" else per_face), g

@@ -264,6 +264,23 @@ class NegativeBank(nn.Module):
         self._queue_next = (self._queue_next + B) % C
         self._queue_filled = min(C, self._queue_filled + B)
 
+    def queue_state(self) -> dict:
+        """The FIFO's contents and position (for training checkpoints; the gallery is saved apart)."""
+        K = self.num_gallery
+        return {"rows": self._rows[K:].detach().cpu().clone(), "ids": self._row_ids[K:].cpu().clone(),
+                "next": self._queue_next, "filled": self._queue_filled}
+
+    @torch.no_grad()
+    def load_queue_state(self, state: dict) -> None:
+        """Restore what :meth:`queue_state` returned (same capacity and dim)."""
+        K = self.num_gallery
+        if state["rows"].shape != self._rows[K:].shape:
+            raise ValueError(f"NegativeBank.load_queue_state: queue of shape {tuple(state['rows'].shape)} does not fit "
+                             f"this bank's {tuple(self._rows[K:].shape)}")
+        self._rows[K:] = state["rows"].to(self.device, self._rows.dtype)
+        self._row_ids[K:] = state["ids"].to(self.device)
+        self._queue_next, self._queue_filled = int(state["next"]), int(state["filled"])
+
     # ----------------------------------------------------------------------------- sampling
 
     def sample(self, ids: torch.Tensor, m: int, *, generator: torch.Generator | None = None) -> torch.Tensor:

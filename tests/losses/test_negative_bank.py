@@ -268,3 +268,15 @@ def test_load_errors(tmp_path):
     save_file({"weight": torch.zeros(2)}, str(other))
     with pytest.raises(ValueError, match="not a NegativeBank file"):
         NegativeBank.load(other)
+
+
+def test_queue_state_round_trip():
+    import torch as _t
+
+    from idflux.losses import NegativeBank as _NB
+
+    a = _NB.fifo(5, 3)
+    a.push(_t.randn(7, 3), _t.arange(7))
+    b = _NB.fifo(5, 3)
+    b.load_queue_state(a.queue_state())
+    assert _t.equal(a.embeddings, b.embeddings) and _t.equal(a.ids, b.ids) and a.queue_next == b.queue_next

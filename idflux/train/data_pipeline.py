@@ -1,0 +1,73 @@
+"""Training data as the trainer reads it: a phase-aware view of MultiIDDataset and the collate step.
+
+Global sample index i (the i-th sample of the run, over all processes) maps to the dataset's
+stream position i; a skipped (corrupt) sample is replaced by position i + k * len(dataset) for the
+first k that loads, so the substitute is deterministic and the same whatever the process count.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from idflux.train.config import Phase, TrainConfig
+from idflux.train.data import MultiIDDataset
+from idflux.train.model import TrainBatch
+
+
+class PhasedDataset:
+    """MultiIDDataset whose prompt mode and paired-reference ratio follow the current phase."""
+
+    def __init__(self, dataset: MultiIDDataset, fixed_prompt: str, max_retries: int = 8):
+        self.dataset, self.fixed_prompt, self.max_retries = dataset, fixed_prompt, max_retries
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def sample(self, index: int, phase: Phase) -> dict:
+        ds = self.dataset
+        ds.paired_prob = phase.paired_ratio
+        ds.fixed_prompt = self.fixed_prompt if phase.prompt_mode == "fixed" else None
+        for k in range(self.max_retries):
+            s = ds[index + k * len(ds)]
+            if "skipped" not in s:
+                return s
+        raise RuntimeError(f"training data: {self.max_retries} substitutes for sample {index} were all skipped "
+                           f"({dict(ds.skipped)}); check the shards")
+
+    @property
+    def skipped(self):
+        return self.dataset.skipped
+
+
+def build_dataset(cfg: TrainConfig) -> PhasedDataset:
+    """The run's data: ``cfg.data`` (MultiID-2M layout), or for the tiny preset a synthetic set
+    generated once under ``<out>/data`` when no data path is given."""
+    root = Path(cfg.data) if cfg.data else Path(cfg.out) / "data"
+    if not (root / "shards").is_dir():
+        if cfg.preset != "tiny":
+            raise FileNotFoundError(f"training data {root} has no shards/ folder (MultiID-2M layout: shards/*.tar + ref/)")
+        from idflux.train.synthetic import write_multiid
+
+        write_multiid(root, n_identities=12, n_samples=96, size=max(96, cfg.size), seed=cfg.seed, shard_size=32,
+                      refs_per_identity=3, max_faces=3)
+    ref_size = 64 if cfg.preset == "tiny" else 512
+    ds = MultiIDDataset(root, size=cfg.size, caption_dropout=cfg.caption_dropout, seed=cfg.seed, ref_size=ref_size)
+    return PhasedDataset(ds, cfg.fixed_prompt)
+
+
+def collate(samples: list[dict], device) -> TrainBatch:
+    """Samples -> one TrainBatch on ``device`` (faces flattened with their image index)."""
+    images = torch.stack([s["image"] for s in samples]).to(device)
+    image_index = torch.cat([torch.full((len(s["boxes"]),), i, dtype=torch.long) for i, s in enumerate(samples)])
+    return TrainBatch(
+        images=images,
+        prompts=[s["prompt"] for s in samples],
+        boxes=[[tuple(float(c) for c in b) for b in s["boxes"]] for s in samples],
+        landmarks=torch.cat([torch.as_tensor(s["landmarks"], dtype=torch.float32) for s in samples]).to(device),
+        image_index=image_index.to(device),
+        ids=torch.cat([torch.as_tensor(s["ids"], dtype=torch.long) for s in samples]),
+        gt_embeddings=torch.cat([torch.as_tensor(s["gt_embeddings"], dtype=torch.float32) for s in samples]),
+        ref_images=[r for s in samples for r in (s["ref_images"].numpy() if torch.is_tensor(s["ref_images"]) else s["ref_images"])],
+    )

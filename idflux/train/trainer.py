@@ -1,0 +1,158 @@
+"""The training loop: one readable function, only adapter parameters train.
+
+Per optimizer step: set the phase's lr, then for each micro-batch forward (flow matching + GT-aligned
+identity + contrastive), backward; clip, step, zero_grad, EMA, log, checkpoint. Runs alone or under
+torchrun (DDP over the adapter; the frozen backbone is replicated). Every random draw depends on
+(seed, step, global sample index), so 1 process and N processes give the same run, and a resumed
+run continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from idflux.train import distributed as D
+from idflux.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from idflux.train.config import TrainConfig
+from idflux.train.model import TrainBatch, TrainModel
+
+
+def _seed(*parts: int) -> int:
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = None, dataset=None) -> dict:
+    """Run (or continue) training; returns {"step", "log", "checkpoint"}.
+
+    max_steps stops after that many optimizer steps in total (for tests and staged runs);
+    dataset overrides the data built from ``cfg`` (a map-style dataset of training samples).
+    """
+    from idflux.train.data_pipeline import build_dataset, collate
+
+    rank, world = D.setup(cfg.device)
+    device = torch.device(cfg.device if not cfg.device.startswith("cuda") else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum = {world} x {cfg.grad_accum}")
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+
+    model = TrainModel.build(cfg).to(device)
+    if device.type == "cuda":
+        model.transformer.to(torch.bfloat16), model.vae.to(torch.bfloat16)
+    dataset = dataset if dataset is not None else build_dataset(cfg)
+    params = [p for p in model.adapter.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.phases[0].lr, weight_decay=cfg.weight_decay)
+    adapter = model.adapter
+    # DDP over the whole model: only the adapter requires grad, so only its gradients are reduced.
+    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if D.active() else None
+    runner = ddp if ddp is not None else model
+    ema = {k: v.detach().clone().float() for k, v in adapter.state_dict().items()} if cfg.ema_decay else None
+
+    step = 0
+    if resume and (ckpt := latest_checkpoint(out)) is not None:
+        weights, state, ema_state = load_checkpoint(ckpt)
+        adapter.load_state_dict(weights)
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        torch.set_rng_state(state["torch_rng"]), np.random.set_state(state["numpy_rng"]), random.setstate(state["python_rng"])
+        if state.get("queue") is not None and model.cl_loss.bank is not None:
+            model.cl_loss.bank.load_queue_state(state["queue"])
+        if ema is not None and ema_state is not None:
+            ema = {k: v.float() for k, v in ema_state.items()}
+    total = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
+    log_path = out / "log.jsonl"
+    if rank == 0 and not resume and log_path.exists():
+        log_path.unlink()
+    model.train()
+    bar = tqdm(total=total, initial=step, desc="training", disable=rank != 0)
+    last_ckpt = None
+    while step < total:
+        phase = cfg.phase_at(step)
+        for group in opt.param_groups:
+            group["lr"] = phase.lr
+        t0 = time.perf_counter()
+        logs = {"diff": 0.0, "id": 0.0, "cl": 0.0}
+        for m in range(cfg.grad_accum):
+            first = step * cfg.batch_size + m * (cfg.batch_size // cfg.grad_accum) + rank * micro
+            indices = list(range(first, first + micro))
+            batch = collate([dataset.sample(i, phase) for i in indices], device)
+            last = m == cfg.grad_accum - 1
+            sync = ddp.no_sync() if (ddp is not None and not last) else contextlib.nullcontext()
+            with sync, torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out_l = runner(batch, [_seed(cfg.seed, i) for i in indices], _seed(cfg.seed, step, m, 7))
+                (out_l["loss"] / cfg.grad_accum).backward()
+            for k in logs:
+                if k in out_l:
+                    logs[k] += float(out_l[k]) / cfg.grad_accum
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            with torch.no_grad():
+                for k, v in adapter.state_dict().items():
+                    ema[k].mul_(cfg.ema_decay).add_(v.float(), alpha=1 - cfg.ema_decay)
+        step += 1
+        logs.update(step=step, phase=phase.name, lr=phase.lr, grad_norm=grad_norm, seconds=time.perf_counter() - t0,
+                    loss=logs["diff"] + logs["id"] + logs["cl"])
+        if rank == 0:
+            with log_path.open("a") as f:
+                f.write(json.dumps(logs) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", phase=phase.name)
+        if rank == 0 and (step % cfg.checkpoint_every == 0 or step == total):
+            state = {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+                     "queue": model.cl_loss.bank.queue_state() if model.cl_loss.bank is not None else None}
+            last_ckpt = save_checkpoint(out, step, weights=adapter.state_dict(), state=state, config=cfg.to_dict(), ema=ema)
+        if D.active():
+            torch.distributed.barrier()
+    bar.close()
+    return {"step": step, "log": log_path, "checkpoint": last_ckpt, "model": model}
+
+
+def read_log(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_losses(log_path, out_png) -> Path:
+    """Loss curves (total and parts) per step, phases shaded, from log.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_log(log_path)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    steps = [r["step"] for r in rows]
+    for key in ("loss", "diff", "id", "cl"):
+        ax.plot(steps, [r.get(key, math.nan) for r in rows], label=key)
+    start = 0
+    for i, r in enumerate(rows):
+        if i + 1 == len(rows) or rows[i + 1]["phase"] != r["phase"]:
+            ax.axvspan(start, r["step"], alpha=0.08 * (1 + i % 2), color="gray")
+            ax.text(start, ax.get_ylim()[1] * 0.95, r["phase"], fontsize=7)
+            start = r["step"]
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
