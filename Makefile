@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.idflux-installed
 
-.PHONY: demo test bench-cpu clean-venv
+.PHONY: demo test bench clean-venv
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,13 @@ $(STAMP): setup.py
 	$(BIN)/python -m pip install -q --no-deps insightface==2.1
 	touch $(STAMP)
 
-## Main job on the embedded tiny default: benchmark all three ops on the CPU, JSON + plots.
+## Main job on the embedded tiny default: train the adapter on synthetic data (CPU, under a minute)
+## -> runs/tiny/{checkpoints/, log.jsonl, loss.png, samples.png, summary.json}.
 demo: $(STAMP)
+	$(BIN)/idflux train --preset tiny --out runs/tiny
+
+## Benchmarks of every op on the CPU -> results/bench_cpu.json + results/plots/<op>.png
+bench: $(STAMP)
 	$(BIN)/idflux bench --device cpu --out results/bench_cpu.json --plot results/plots
 
 ## Whole test suite (TRITON_INTERPRET=1 and HF_HUB_OFFLINE=1 are set by tests/conftest.py).

@@ -23,6 +23,7 @@ setup(
         "scipy",
         "matplotlib",
         "tqdm",
+        "pillow",
         # insightface is installed with --no-deps (its own requirements pull opencv-python beside
         # opencv-python-headless); the Makefile does it after this package.
     ],

@@ -1,4 +1,4 @@
-"""The ``idflux`` command line: ``idflux bench``, ``idflux env``, ``idflux generate``, ``idflux eval``."""
+"""The ``idflux`` command line: ``bench``, ``env``, ``generate``, ``train``, ``eval``."""
 
 from __future__ import annotations
 
@@ -149,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from idflux.engine.cli import add_generate_parser
     from idflux.eval.cli import add_eval_parser
+    from idflux.train.cli import add_train_parser
 
     add_generate_parser(sub)
+    add_train_parser(sub)
     add_eval_parser(sub)
     return parser
 

@@ -58,7 +58,8 @@ class TrainConfig:
     num_negatives: int = 4096
     tau: float = 0.1
     caption_dropout: float = 0.1
-    fixed_prompt: str = "two people"
+    fixed_prompt: str = "{people}"
+    """Phase-1 prompt; "{people}" becomes the face count in words ("two people", as the paper's 2-person data)."""
     guidance: float = 1.0
     """Guidance embedding during training."""
     grad_checkpointing: bool = True
@@ -98,11 +99,11 @@ class TrainConfig:
 
 def tiny(out: str = "runs/tiny", **overrides) -> TrainConfig:
     """CPU smoke preset: tiny random FLUX/adapter/face models, synthetic data, 64^2, a few steps per phase."""
-    cfg = TrainConfig(preset="tiny", out=out, phases=[Phase("reconstruction-fixed", 6, "fixed", 0.0, 3e-3),
-                                                     Phase("reconstruction-caption", 6, "caption", 0.0, 3e-3),
-                                                     Phase("paired", 6, "caption", 0.5, 3e-3),
-                                                     Phase("quality", 4, "caption", 0.5, 1e-3)],
-                      batch_size=4, size=64, num_negatives=64, grad_checkpointing=False, checkpoint_every=6, device="cpu",
+    cfg = TrainConfig(preset="tiny", out=out, phases=[Phase("reconstruction-fixed", 40, "fixed", 0.0, 2e-3),
+                                                     Phase("reconstruction-caption", 40, "caption", 0.0, 2e-3),
+                                                     Phase("paired", 30, "caption", 0.5, 2e-3),
+                                                     Phase("quality", 20, "caption", 0.5, 2e-4)],
+                      batch_size=4, size=64, num_negatives=64, grad_checkpointing=False, checkpoint_every=40, device="cpu",
                       sample_prompts=["two people", "a person smiling"])
     for k, v in overrides.items():
         setattr(cfg, k, v)

@@ -76,7 +76,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-__all__ = ["MultiIDDataset", "PositionSampler", "collate_faces", "square_crop", "landmarks_from_detector"]
+__all__ = ["MultiIDDataset", "PositionSampler", "collate_faces", "square_crop", "landmarks_from_detector", "SKIP_KINDS"]
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _SLOTS = ("image", "json", "npy")
@@ -87,6 +87,7 @@ SKIP_KINDS = {
     "missing_json": "no json member",
     "missing_npy": "no npy member",
     "truncated_member": "member data ends before its declared size",
+    "io_error": "the shard could not be read (OSError)",
     "bad_image": "image does not decode",
     "bad_json": "json does not parse or is not an object",
     "no_crop": "json has no valid crop [x1, y1, x2, y2]",
@@ -217,9 +218,12 @@ def _index_shard(path: Path) -> tuple[list[str], list[list[tuple[int, int]]], st
 
 
 def _read_member(path: Path, offset: int, size: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+    except OSError as exc:
+        raise _Skip("io_error", str(exc)) from None
     if len(data) != size:
         raise _Skip("truncated_member", f"{len(data)} of {size} bytes")
     return data
@@ -275,6 +279,11 @@ class MultiIDDataset(torch.utils.data.Dataset):
     ref_size, 3) uint8; ``ref_embeddings`` (n, D) float32; ``paired`` (n,) bool; ``ref_sources`` (n
     strs: "self" or "<name>/<id>"); ``key``; ``position``. Or ``{"skipped": kind, "key", "position"}``.
 
+    Attributes: ``position`` (next stream position of in-process iteration), ``skipped`` (Counter of
+    skip kinds, see ``SKIP_KINDS``), ``paired_fallbacks`` (faces that wanted a gallery reference and
+    got their own crop), ``identity_names`` (gallery names, sorted; ``ids`` index it). ``paired_prob``,
+    ``caption_dropout`` and ``fixed_prompt`` are plain attributes a phase change may set.
+
     Example:
         >>> from idflux.train.synthetic import write_multiid
         >>> import tempfile
@@ -307,6 +316,8 @@ class MultiIDDataset(torch.utils.data.Dataset):
             raise ValueError(f"MultiIDDataset: landmark_fn={landmark_fn!r} must be callable (image -> (n, 5, 2)) or None")
         self.landmark_fn = landmark_fn
         self.paired_candidates = _check_int("paired_candidates", paired_candidates, 1)
+        if isinstance(paired_min_cos, bool) or not isinstance(paired_min_cos, (int, float)) or not -1 <= paired_min_cos <= 1:
+            raise ValueError(f"MultiIDDataset: paired_min_cos={paired_min_cos!r} must be a cosine in [-1, 1] (0.6 as released)")
         self.paired_min_cos = float(paired_min_cos)
 
         self.root = Path(root)
@@ -344,7 +355,6 @@ class MultiIDDataset(torch.utils.data.Dataset):
                 if stems:
                     self._gallery[person.name] = stems
         self.identity_names = list(self._gallery)
-        """Gallery identities in sorted order; ``ids`` index this list (= NegativeBank.from_gallery ids)."""
         self._identity_id = {n: i for i, n in enumerate(self.identity_names)}
         self._cache: dict[tuple[str, str], np.ndarray | None] = {}
 
@@ -455,6 +465,8 @@ class MultiIDDataset(torch.utils.data.Dataset):
             stored = None if stored is None else np.asarray(stored, np.float64)
         except Exception as exc:  # noqa: BLE001 -- any unpickling / shape failure is a malformed sample
             raise _Skip("bad_npy", f"{type(exc).__name__}: {exc}") from None
+        if boxes.size == 0:
+            raise _Skip("no_faces")
         if boxes.ndim != 2 or boxes.shape[1:] != (4,) or embeddings.ndim != 2 or not np.isfinite(boxes).all():
             raise _Skip("bad_npy", f"bboxes {boxes.shape}, embeddings {embeddings.shape}")
         n = len(boxes)
@@ -554,7 +566,10 @@ class MultiIDDataset(torch.utils.data.Dataset):
             raise _Skip("no_landmarks", "the npy has no landmarks; pass landmark_fn (e.g. landmarks_from_detector(FaceDetector(...)))")
         cache_key = (int(self._shard_of[index]), self._keys[index])
         if cache_key not in self._landmark_cache:
-            found = np.asarray(self.landmark_fn(image), np.float32).reshape(-1, 5, 2)
+            try:
+                found = np.asarray(self.landmark_fn(image), np.float32).reshape(-1, 5, 2)
+            except Exception as exc:  # noqa: BLE001 -- a detector failure costs one sample, not the run
+                raise _Skip("no_landmarks", f"landmark_fn raised {type(exc).__name__}: {exc}") from None
             self._landmark_cache[cache_key] = found
         matched = _match_landmarks(boxes, self._landmark_cache[cache_key])
         if matched is None:

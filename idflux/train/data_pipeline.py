@@ -53,7 +53,14 @@ def build_dataset(cfg: TrainConfig) -> PhasedDataset:
         write_multiid(root, n_identities=12, n_samples=96, size=max(96, cfg.size), seed=cfg.seed, shard_size=32,
                       refs_per_identity=3, max_faces=3)
     ref_size = 64 if cfg.preset == "tiny" else 512
-    ds = MultiIDDataset(root, size=cfg.size, caption_dropout=cfg.caption_dropout, seed=cfg.seed, ref_size=ref_size)
+    landmark_fn = None
+    if cfg.preset != "tiny" and cfg.face_models:  # real shards carry no landmarks: detect them (cached per sample)
+        from idflux.engine.faces import FaceDetector
+        from idflux.train.data import landmarks_from_detector
+
+        landmark_fn = landmarks_from_detector(FaceDetector(cfg.face_models))
+    ds = MultiIDDataset(root, size=cfg.size, caption_dropout=cfg.caption_dropout, seed=cfg.seed, ref_size=ref_size,
+                        min_face=0 if cfg.preset == "tiny" else 100, landmark_fn=landmark_fn)
     return PhasedDataset(ds, cfg.fixed_prompt)
 
 

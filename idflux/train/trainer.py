@@ -123,7 +123,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
         if D.active():
             torch.distributed.barrier()
     bar.close()
-    return {"step": step, "log": log_path, "checkpoint": last_ckpt, "model": model}
+    return {"step": step, "log": log_path, "checkpoint": last_ckpt, "model": model, "dataset": dataset}
 
 
 def read_log(path) -> list[dict]:

@@ -99,3 +99,41 @@ def test_two_gloo_processes_match_one_process(tmp_path, data_root):
             assert ra[key] == pytest.approx(rb[key], rel=2e-4, abs=1e-6), (ra["step"], key, ra[key], rb[key])
     wa = torch.load(tmp_path / "one" / "checkpoints" / "step_00000002" / "state.pt", weights_only=False)["step"]
     assert wa == 2
+
+
+def test_idflux_train_cli_writes_checkpoint_plot_and_samples(tmp_path, data_root):
+    from idflux.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    assert main(["train", "--preset", "tiny", "--data", data_root, "--out", str(tmp_path), "--max-steps", "3"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["skipped_samples"] == {}
+    for name in ("loss.png", "samples.png", "log.jsonl"):
+        assert (tmp_path / name).stat().st_size > 100, name
+    assert (tmp_path / "checkpoints" / "step_00000003" / "adapter.safetensors").is_file()
+
+
+def test_corrupt_shard_member_is_skipped_and_counted_during_training(tmp_path):
+    import tarfile
+
+    from idflux.train.synthetic import write_multiid
+
+    root = tmp_path / "data"
+    write_multiid(root, n_identities=6, n_samples=8, size=96, seed=1, shard_size=8, refs_per_identity=1, max_faces=2)
+    shard = next((root / "shards").glob("*.tar"))
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for i, (m, data) in enumerate(members):
+            if m.name.endswith(".jpg") and i < 3:
+                data = data[:40]  # truncated JPEG
+            m.size = len(data)
+            import io
+
+            tar.addfile(m, io.BytesIO(data))
+    cfg = small_cfg(tmp_path / "run", str(root))
+    result = train(cfg, max_steps=2)
+    assert result["step"] == 2
+    assert sum(result["dataset"].skipped.values()) >= 1

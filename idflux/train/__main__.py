@@ -1,0 +1,3 @@
+from idflux.train.cli import main
+
+raise SystemExit(main())
