@@ -7,7 +7,7 @@ import importlib
 import json
 import sys
 
-OPS = ("region_attention", "cosine_infonce", "face_warp", "adapter", "sample")
+OPS = ("region_attention", "cosine_infonce", "face_warp", "adapter", "sample", "train")
 
 
 def _cmd_env(args) -> int:

@@ -31,7 +31,7 @@ cat "$OUT_DIR/env.txt"
 # Most of the test time is Triton compiling kernel variants (CPU-bound): spread it over workers.
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 timeout 170 $PY -m pytest -q -rfEs -p no:cacheprovider --durations=15 $XDIST \
-  tests/kernels tests/engine tests/losses tests/bench_perf tests/test_cli.py tests/test_environment.py 2>&1 | tee "$OUT_DIR/tests.log"
+  tests/kernels tests/engine tests/losses tests/train tests/bench_perf tests/test_cli.py tests/test_environment.py 2>&1 | tee "$OUT_DIR/tests.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 timeout 300 $PY -m idflux bench --device cuda --op-budget 55 --out "$OUT_DIR/bench_cuda.json" --plot "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
