@@ -222,6 +222,7 @@ def speedups(rows: list[dict], pairs: Sequence[tuple[str, str]]) -> list[dict]:
         if r.get("ms"):
             index[(r["op"], r["provider"], r["mode"], json.dumps(r["shape"], sort_keys=True), r["dtype"])] = r["ms"]
     out = []
+    pairs = list(dict.fromkeys(pairs))  # ops may name the same pair
     for (op, prov, mode, shape, dtype), ms in index.items():
         for p, base in pairs:
             if prov != p:
