@@ -13,19 +13,7 @@ pytest.importorskip("PIL")
 from idflux.kernels import face_warp  # noqa: E402
 from idflux.kernels.face_warp_ref import ARCFACE_TEMPLATE  # noqa: E402
 from idflux.train.synthetic import SCLERA, SyntheticIdentities, write_multiid  # noqa: E402
-
-
-def nearest_colour(pixel, candidates: dict) -> str:
-    """Name of the candidate colour closest to ``pixel`` up to a brightness factor in [0.5, 1.6] (the lighting)."""
-    pixel = np.asarray(pixel, np.float64)
-    best, best_d = None, np.inf
-    for name, colour in candidates.items():
-        c = np.asarray(colour, np.float64)
-        f = np.clip(pixel @ c / max(c @ c, 1e-9), 0.5, 1.6)
-        d = np.linalg.norm(pixel - f * c)
-        if d < best_d:
-            best, best_d = name, d
-    return best
+from synthetic_colours import nearest_colour  # noqa: E402
 
 
 def face_colours(person) -> dict:
