@@ -88,28 +88,57 @@ class Pipeline:
 
         arc_emb: (R, arc_dim) raw ArcFace embeddings; siglip_tokens: (R, siglip_tokens, siglip_dim) or None.
         """
-        size = settings.size
+        return self.generate_batch([settings], [arc_emb], [siglip_tokens], progress=progress)
+
+    @torch.no_grad()
+    def generate_batch(self, settings: list[GenerateSettings], arc_embs: list[torch.Tensor],
+                       siglip_tokens: list[torch.Tensor | None], *, progress: bool = True) -> torch.Tensor:
+        """B images (B, 3, size, size) in one denoising loop: a prompt, references, boxes and seed each.
+
+        Size, steps, guidance, shift and the two branch weights must agree across the batch (one
+        schedule, one adapter context); the number of references may differ (padded references own
+        keys no token attends to). Image b equals ``generate(settings[b], ...)`` up to batching's
+        floating-point differences.
+        """
+        if not (len(settings) == len(arc_embs) == len(siglip_tokens)) or not settings:
+            raise ValueError(f"generate_batch: settings, arc_embs and siglip_tokens must be non-empty lists of one length, "
+                             f"got {len(settings)}, {len(arc_embs)}, {len(siglip_tokens)}")
+        first = settings[0]
+        for field_name in ("size", "steps", "guidance", "released_shift", "id_weight", "siglip_weight"):
+            values = {getattr(x, field_name) for x in settings}
+            if len(values) > 1:
+                raise ValueError(f"generate_batch: settings.{field_name} differs across the batch ({sorted(values)}); "
+                                 "run those images in separate batches")
+        if len({t is None for t in siglip_tokens}) > 1:
+            raise ValueError("generate_batch: siglip_tokens must be given for every image or for none")
+        size = first.size
         if size % TOKEN_PIXELS:
             raise ValueError(f"size must be a multiple of {TOKEN_PIXELS}, got {size}")
-        R = arc_emb.shape[0]
-        boxes = parse_boxes(settings.boxes, R, size, size)
-        membership = boxes_to_membership([boxes], size, size).to(self.device)
+        B, R = len(settings), max(a.shape[0] for a in arc_embs)
+        boxes = [parse_boxes(x.boxes, a.shape[0], size, size) for x, a in zip(settings, arc_embs)]
+        membership = boxes_to_membership(boxes, size, size).to(self.device)
         layout = RegionLayout.from_membership(membership, R)
-        arc = arc_emb.to(self.device, self.dtype)[None]
-        sig = None if siglip_tokens is None else siglip_tokens.to(self.device, self.dtype)[None]
+        arc = torch.zeros(B, R, arc_embs[0].shape[-1], device=self.device, dtype=self.dtype)
+        for b, a in enumerate(arc_embs):
+            arc[b, : a.shape[0]] = a.to(self.device, self.dtype)
+        sig = None
+        if siglip_tokens[0] is not None:
+            sig = torch.zeros(B, R, *siglip_tokens[0].shape[1:], device=self.device, dtype=self.dtype)
+            for b, t in enumerate(siglip_tokens):
+                sig[b, : t.shape[0]] = t.to(self.device, self.dtype)
         with nvtx_range("adapter.prepare"):
-            ctx = self.adapter.prepare(arc, sig, layout, id_weight=settings.id_weight,
-                                       siglip_weight=settings.siglip_weight, backend=self.backend)
-        txt, pooled = self.encode_prompt([settings.prompt])
+            ctx = self.adapter.prepare(arc, sig, layout, id_weight=first.id_weight,
+                                       siglip_weight=first.siglip_weight, backend=self.backend)
+        txt, pooled = self.encode_prompt([x.prompt for x in settings])
         vae = self.parts.vae
         lat_ch = vae.config.latent_channels
         h = w = size // 8
-        gen = torch.Generator(device="cpu").manual_seed(settings.seed)
-        noise = torch.randn(1, lat_ch, h, w, generator=gen).to(self.device, self.dtype)
+        noise = torch.cat([torch.randn(1, lat_ch, h, w, generator=torch.Generator(device="cpu").manual_seed(x.seed))
+                           for x in settings]).to(self.device, self.dtype)
         img_ids = image_ids(h // 2, w // 2, device=self.device, dtype=self.dtype)
         txt_ids = torch.zeros(txt.shape[1], 3, device=self.device, dtype=self.dtype)
-        guidance = torch.full((1,), settings.guidance, device=self.device, dtype=self.dtype)
-        times = schedule(settings.steps, sampling_mu(size, size, released_parity=settings.released_shift))
+        guidance = torch.full((B,), first.guidance, device=self.device, dtype=self.dtype)
+        times = schedule(first.steps, sampling_mu(size, size, released_parity=first.released_shift))
 
         def velocity(x, t):
             return flux_forward(self.parts.transformer, x, txt, pooled, t, img_ids, txt_ids, guidance,

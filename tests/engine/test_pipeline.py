@@ -108,3 +108,16 @@ def test_fp8_linear_matches_linear():
     x = torch.randn(5, 64)
     rel = (q(x) - lin(x)).norm() / lin(x).norm()
     assert rel < 0.05 and q.weight_fp8.dtype == torch.float8_e4m3fn
+
+
+def test_generate_batch_matches_single_generations():
+    pipe = Pipeline.tiny(backend="torch")
+    arc, sig = identity_inputs(pipe, R=3)
+    s1 = GenerateSettings(prompt="two people", boxes=[(0, 0, 32, 64), (32, 0, 64, 64)], size=64, steps=2, seed=1)
+    s2 = GenerateSettings(prompt="one person", boxes=[(8, 8, 56, 56)], size=64, steps=2, seed=2)
+    batch = pipe.generate_batch([s1, s2], [arc[:2], arc[2:]], [sig[:2], sig[2:]], progress=False)
+    one = pipe.generate(s1, arc[:2], sig[:2], progress=False)
+    two = pipe.generate(s2, arc[2:], sig[2:], progress=False)
+    torch.testing.assert_close(batch, torch.cat([one, two]), atol=2e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match="settings.steps differs"):
+        pipe.generate_batch([s1, GenerateSettings(**{**s2.__dict__, "steps": 3})], [arc[:2], arc[2:]], [sig[:2], sig[2:]])
