@@ -34,6 +34,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--face-models", help="antelopev2 folder with glintr100.onnx (flux-dev)")
     p.add_argument("--siglip", help="SigLIP folder (flux-dev)")
     p.add_argument("--adapter-init", help="start from these adapter weights")
+    p.add_argument("--shard-backbone", action="store_true",
+                   help="under torchrun: shard the frozen FLUX transformer with FSDP2 instead of replicating it")
     p.add_argument("--device", help="cpu or cuda (default: the preset's)")
     p.add_argument("--seed", type=int)
 
@@ -47,6 +49,8 @@ def config_from_args(args) -> C.TrainConfig:
         value = getattr(args, arg, None)
         if value is not None:
             setattr(cfg, field, value)
+    if getattr(args, "shard_backbone", False):
+        cfg.shard_backbone = True
     return cfg
 
 

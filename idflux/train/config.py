@@ -63,6 +63,8 @@ class TrainConfig:
     guidance: float = 1.0
     """Guidance embedding during training."""
     grad_checkpointing: bool = True
+    shard_backbone: bool = False
+    """Under torchrun: shard the frozen FLUX transformer with FSDP2 (per block) instead of replicating it."""
     checkpoint_every: int = 500
     log_every: int = 1
     seed: int = 0

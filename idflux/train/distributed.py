@@ -58,3 +58,19 @@ def gather_rows(x: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shard_frozen(transformer: torch.nn.Module, device_type: str) -> None:
+    """FSDP2 over the frozen FLUX transformer, one unit per block and per embedder/head: each process keeps
+    1/world of the weights and gathers a block's weights only while it runs (forward and backward)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    # flux_forward calls these modules one by one (never transformer.forward), so each is its own
+    # unit: its hooks gather its weights exactly when it runs.
+    units = [transformer.x_embedder, transformer.time_text_embed, transformer.context_embedder,
+             *transformer.transformer_blocks, *transformer.single_transformer_blocks, transformer.norm_out,
+             transformer.proj_out]
+    for unit in units:
+        fully_shard(unit, mesh=mesh)

@@ -59,8 +59,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
     params = [p for p in model.adapter.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.phases[0].lr, weight_decay=cfg.weight_decay)
     adapter = model.adapter
-    # DDP over the whole model: only the adapter requires grad, so only its gradients are reduced.
-    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if D.active() else None
+    ddp = None
+    if D.active():
+        if cfg.shard_backbone:
+            D.shard_frozen(model.transformer, device.type)
+            # DDP must neither broadcast nor reduce the sharded backbone's tensors: FSDP2 owns them.
+            ignore = [f"transformer.{n}" for n, _ in model.transformer.named_parameters()]
+            ignore += [f"transformer.{n}" for n, _ in model.transformer.named_buffers()]
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+        # DDP over the whole model: only the adapter requires grad, so only its gradients are reduced.
+        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     runner = ddp if ddp is not None else model
     ema = {k: v.detach().clone().float() for k, v in adapter.state_dict().items()} if cfg.ema_decay else None
 

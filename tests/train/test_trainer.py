@@ -78,20 +78,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, out, data_root):
+def _worker(rank, world, port, out, data_root, shard):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from idflux.train import distributed
 
-    train(small_cfg(out, data_root), max_steps=3)
+    train(small_cfg(out, data_root, shard_backbone=shard), max_steps=3)
     distributed.cleanup()
 
 
-def test_two_gloo_processes_match_one_process(tmp_path, data_root):
+@pytest.mark.parametrize("shard", [False, True], ids=["ddp", "ddp+fsdp2-backbone"])
+def test_two_gloo_processes_match_one_process(tmp_path, data_root, shard):
     import torch.multiprocessing as mp
 
     single = train(small_cfg(tmp_path / "one", data_root), max_steps=3)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), data_root), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), data_root, shard), nprocs=2, join=True)
     a, b = read_log(single["log"]), read_log(tmp_path / "two" / "log.jsonl")
     assert len(a) == len(b) == 3
     for ra, rb in zip(a, b):
