@@ -6,6 +6,7 @@ tokens. Providers:
   ref             the PyTorch reference (groups tokens by membership pattern, unmasked SDPA per group)
   triton          our Triton kernel, dense form (CUDA): writes zeros for out-of-box rows
   triton_packed   the same kernel on the in-box tokens only, (T, H, D), as the engine calls it
+  triton_atomic_bwd  the dense form with the other backward strategy (dk/dv by fp32 atomics)
   sdpa_mask       SDPA with the dense boolean mask, mask prebuilt (the released attention call)
   sdpa_mask+build the same with the mask built per call the way the released code builds it
                   (Python loops over boxes, heads and tokens into a CPU bool tensor, then copied)
@@ -32,6 +33,7 @@ SUMMARY = [
     ("ref", "sdpa_mask"), ("ref", "sdpa_mask+build"),
     ("triton", "sdpa_mask"), ("triton", "sdpa_mask+build"), ("triton", "flex"), ("triton", "gather_sdpa"),
     ("triton_packed", "sdpa_mask"), ("triton_packed", "flex"), ("triton", "copy"), ("triton_packed", "copy"),
+    ("triton", "triton_atomic_bwd"),
 ]
 HEADS, HEAD_DIM = 24, 64
 
@@ -148,6 +150,11 @@ def cases(device: torch.device, quick: bool = False) -> Iterator[Case]:
                 if name == "sdpa_mask+build" and mode == "bwd":
                     continue  # the backward does not rebuild the mask: same as sdpa_mask
                 yield Case(OP, name, mode, shape, dname, fn, flops=flops[mode], bytes=nbytes[mode])
+            if name == "triton":  # the other backward strategy, for comparison in the same run
+                for mode, fn in _safe_modes(fwd, inputs).items():
+                    if mode != "fwd":
+                        yield Case(OP, "triton_atomic_bwd", mode, shape, dname, _with_bwd("atomic", fn),
+                                   flops=flops[mode], bytes=nbytes[mode], note="dk/dv by fp32 atomics from every query tile")
         yield Case(OP, "mask_build", "fwd", shape, dname,
                    lambda: released_mask(boxes, HEADS, size, per_ref, n_refs, device),
                    note="released dense-mask construction alone")
@@ -156,6 +163,20 @@ def cases(device: torch.device, quick: bool = False) -> Iterator[Case]:
         yield Case(OP, "copy", "fwd", shape, dname, lambda: dst.copy_(src), bytes=nbytes["fwd"],
                    note="copy_ of the forward's bytes")
         del mask, providers
+
+
+def _with_bwd(strategy: str, fn):
+    import importlib
+
+    ra = importlib.import_module("idflux.kernels.region_attention")  # the module, not the function of that name
+
+    def run():
+        saved, ra.BWD_DKDV = ra.BWD_DKDV, strategy
+        try:
+            return fn()
+        finally:
+            ra.BWD_DKDV = saved
+    return run
 
 
 def _raiser(exc: Exception):

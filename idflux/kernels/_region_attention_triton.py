@@ -9,8 +9,11 @@ LSE convention (log2 units, scale folded in): a row with no key gets LSE = +inf,
 recomputed probability exp2(s - LSE) of that row is exactly 0 in the backward (s is -inf or finite,
 never +inf), without NaN.
 
-Backward: the same tiling over queries (with 8-264 keys per reference, splitting by key blocks
-would leave most SMs idle); dq is written per tile, dk/dv are accumulated with fp32 atomics.
+Backward: dq from the same tiling over queries (one program per query tile and head); dk/dv from
+one program per key block of a reference and head, which walks its image's query tiles and skips
+those with no token in that box, accumulating in registers and storing once (no atomics: with
+8-264 keys per reference, atomics from every query tile all hit the same few cache lines). The
+atomic variant (every query tile adds into fp32 dk/dv) stays selectable for tuning runs.
 
 Dense and packed forms share both kernels: packed rows (in-box tokens of several images, (T, H, D))
 are read through a permutation that groups them by image, with a per-tile (image, first, end) table.
@@ -124,9 +127,11 @@ def _region_attention_bwd(
     stride_lb, stride_lh, stride_mb, stride_mn, stride_fb,
     Nq, tiles_per_image, R, D, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PACKED: tl.constexpr, IEEE: tl.constexpr,
+    PACKED: tl.constexpr, IEEE: tl.constexpr, ATOMIC_DKDV: tl.constexpr,
 ):
-    # DQ has q's layout (stride_g*); DK and DV are fp32 accumulators of k's shape (stride_a*).
+    # DQ has q's layout (stride_g*). With ATOMIC_DKDV, DK and DV are fp32 accumulators of k's shape
+    # (stride_a*) that every query tile adds into; without it this kernel computes dq only and
+    # _region_attention_bwd_dkdv produces dk and dv.
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b, rows, row_mask = _tile_rows(TILES, PERM, pid_m, tiles_per_image, Nq, BLOCK_M, PACKED)
@@ -164,19 +169,102 @@ def _region_attention_bwd(
                 s = tl.where(valid, s * qk_scale, float("-inf"))
                 p = tl.exp2(s - lse[:, None])
                 if IEEE:
-                    dv = tl.dot(tl.trans(p), do, input_precision="ieee")
                     dp = tl.dot(do, tl.trans(v), input_precision="ieee")
                 else:
-                    dv = tl.dot(tl.trans(p.to(do.dtype)), do)
                     dp = tl.dot(do, tl.trans(v))
                 ds = p * (dp - delta[:, None]) * sm_scale
                 if IEEE:
                     dq += tl.dot(ds, k, input_precision="ieee")
-                    dk = tl.dot(tl.trans(ds), q, input_precision="ieee")
                 else:
                     dq += tl.dot(ds.to(k.dtype), k)
-                    dk = tl.dot(tl.trans(ds.to(q.dtype)), q)
-                acc_off = b * stride_ab + h * stride_ah + cols[:, None] * stride_an + d[None, :]
-                tl.atomic_add(DK + acc_off, dk, mask=kv_mask)
-                tl.atomic_add(DV + acc_off, dv, mask=kv_mask)
+                if ATOMIC_DKDV:
+                    if IEEE:
+                        dv = tl.dot(tl.trans(p), do, input_precision="ieee")
+                        dk = tl.dot(tl.trans(ds), q, input_precision="ieee")
+                    else:
+                        dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+                        dk = tl.dot(tl.trans(ds.to(q.dtype)), q)
+                    acc_off = b * stride_ab + h * stride_ah + cols[:, None] * stride_an + d[None, :]
+                    tl.atomic_add(DK + acc_off, dk, mask=kv_mask)
+                    tl.atomic_add(DV + acc_off, dv, mask=kv_mask)
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit(do_not_specialize=_DYNAMIC + ["n_tiles", "NB"])
+def _region_attention_bwd_dkdv(
+    Q, K, V, O, DO, DK, DV, LSE, MEM, OFFS, TILES, PERM,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_db, stride_dh, stride_dn,
+    stride_gb, stride_gh, stride_gn,
+    stride_lb, stride_lh, stride_mb, stride_mn, stride_fb,
+    Nq, tiles_per_image, n_tiles, R, NB, D, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PACKED: tl.constexpr, IEEE: tl.constexpr,
+):
+    """dk, dv of one key block (BLOCK_N keys of reference r of image b) x one head: it walks the
+    query tiles of its image, skips tiles with no token in box r, and accumulates in registers.
+    Each key belongs to exactly one program, so dk/dv are stored once, without atomics (with
+    8-264 keys per reference, atomics from every query tile would all hit the same few lines).
+    DK/DV (stride_g*) are zero-initialised: keys no reference owns keep a zero gradient."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = (pid // (R * NB)).to(tl.int64)
+    r = (pid // NB) % R
+    j = pid % NB
+    end = tl.load(OFFS + b * stride_fb + r + 1)
+    start = tl.load(OFFS + b * stride_fb + r) + j * BLOCK_N
+    if start >= end:
+        return
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    cols = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
+    col_mask = cols < end
+    kv_mask = col_mask[:, None] & d_mask[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if PACKED:
+        n_walk = n_tiles
+    else:
+        n_walk = tiles_per_image
+    for t in range(n_walk):
+        if PACKED:
+            tb, rows, row_mask = _tile_rows(TILES, PERM, t, tiles_per_image, Nq, BLOCK_M, PACKED)
+            same = tl.zeros([BLOCK_M], tl.int64) + tb  # broadcast the tile's image over its rows
+            row_mask = row_mask & (same == b)
+        else:
+            tb, rows, row_mask = _tile_rows(TILES, PERM, b * tiles_per_image + t, tiles_per_image, Nq, BLOCK_M, PACKED)
+        mem = tl.load(MEM + b * stride_mb + rows * stride_mn, mask=row_mask, other=0)
+        bit = (mem >> r) & 1
+        if tl.max(bit, axis=0) > 0:
+            io_mask = row_mask[:, None] & d_mask[None, :]
+            q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + d[None, :], mask=io_mask, other=0.0)
+            do = tl.load(DO + b * stride_db + h * stride_dh + rows[:, None] * stride_dn + d[None, :], mask=io_mask, other=0.0)
+            o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + d[None, :], mask=io_mask, other=0.0)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+            lse = tl.load(LSE + b * stride_lb + h * stride_lh + rows, mask=row_mask, other=float("inf"))
+            valid = (bit[:, None] == 1) & col_mask[None, :]
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(valid, s * qk_scale, float("-inf"))
+            p = tl.exp2(s - lse[:, None])
+            if IEEE:
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+            else:
+                dp = tl.dot(do, tl.trans(v))
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            ds = p * (dp - delta[:, None]) * sm_scale
+            if IEEE:
+                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+            else:
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    out = b * stride_gb + h * stride_gh + cols[:, None] * stride_gn + d[None, :]
+    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)

@@ -257,43 +257,62 @@ def _fwd_impl(q, k, v, membership, ref_offsets, tiles, perm, scale):
     return out, lse
 
 
+#: How the backward gets dk/dv: "key_parallel" (one program per key block walks its image's query
+#: tiles, no atomics) or "atomic" (every query tile adds into fp32 dk/dv). A knob for tuning runs.
+BWD_DKDV = "key_parallel"
+
+
 def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, perm, scale):
-    from idflux.kernels._region_attention_triton import LOG2E, _region_attention_bwd
+    from idflux.kernels._region_attention_triton import LOG2E, _region_attention_bwd, _region_attention_bwd_dkdv
 
     packed = tiles is not None
     q, k, v, out, do = (_last_dim_contiguous(t) for t in (q, k, v, out, do))
     D, H = q.shape[-1], q.shape[1]
+    B, Nkv = k.shape[0], k.shape[2]
     R = ref_offsets.shape[1] - 1
+    atomic = BWD_DKDV == "atomic"
     dq = torch.empty_like(q)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    acc_dtype = torch.float32 if atomic else k.dtype
+    dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
     block_m = _bwd_block_m(D)
+    block_n = _block_n(Nkv, R)
+    block_d = max(16, triton_next_pow2(D))
     if packed:
         Nq, tiles_per_image = q.shape[0], 1
-        grid_m = _n_tiles(Nq, k.shape[0], block_m)
-        tiles = tiles[_n_tiles(Nq, k.shape[0], _BLOCK_M):]  # the backward part of the table
+        grid_m = _n_tiles(Nq, B, block_m)
+        tiles = tiles[_n_tiles(Nq, B, _BLOCK_M):]  # the backward part of the table
         lse_strides = (0, lse.stride(0))
     else:
-        B, _, Nq, _ = q.shape
+        Nq = q.shape[2]
         tiles_per_image = -(-Nq // block_m)
         grid_m = B * tiles_per_image
         lse_strides = (lse.stride(0), lse.stride(1))
-    if grid_m and H and q.numel():
-        qs, ms = _geometry(q, membership, packed)
-        dummy = ref_offsets
-        _region_attention_bwd[(grid_m, H)](
-            q, k, v, out, do, dq, dk, dv, lse, membership, ref_offsets,
-            tiles if packed else dummy, perm if packed else dummy,
+    if not (grid_m and H and q.numel()):
+        return dq.zero_(), dk.to(k.dtype), dv.to(v.dtype)
+    qs, ms = _geometry(q, membership, packed)
+    os_, ds_, gs = (_geometry(t, membership, packed)[0] for t in (out, do, dq))
+    dummy = ref_offsets
+    tiles_arg, perm_arg = (tiles, perm) if packed else (dummy, dummy)
+    common = dict(PACKED=packed, IEEE=q.dtype == torch.float32, num_warps=4)
+    _region_attention_bwd[(grid_m, H)](
+        q, k, v, out, do, dq, dk, dv, lse, membership, ref_offsets, tiles_arg, perm_arg,
+        *qs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        *os_, *ds_, *gs, dk.stride(0), dk.stride(1), dk.stride(2),
+        *lse_strides, *ms, ref_offsets.stride(0),
+        Nq, tiles_per_image, R, D, scale * LOG2E, scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, ATOMIC_DKDV=atomic, **common,
+    )
+    if not atomic and R and Nkv:
+        nb = -(-Nkv // block_n)  # static bound on key blocks per reference: no host read of the offsets
+        _region_attention_bwd_dkdv[(B * R * nb, H)](
+            q, k, v, out, do, dk, dv, lse, membership, ref_offsets, tiles_arg, perm_arg,
             *qs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            *_geometry(out, membership, packed)[0], *_geometry(do, membership, packed)[0],
-            *_geometry(dq, membership, packed)[0], dk.stride(0), dk.stride(1), dk.stride(2),
+            *os_, *ds_, dk.stride(0), dk.stride(1), dk.stride(2),
             *lse_strides, *ms, ref_offsets.stride(0),
-            Nq, tiles_per_image, R, D, scale * LOG2E, scale,
-            BLOCK_M=block_m, BLOCK_N=_block_n(k.shape[2], R), BLOCK_D=max(16, triton_next_pow2(D)),
-            PACKED=packed, IEEE=q.dtype == torch.float32, num_warps=4,
+            Nq, tiles_per_image, grid_m, R, nb, D, scale * LOG2E, scale,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **common,
         )
-    else:
-        dq.zero_()
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
