@@ -47,6 +47,30 @@ def _tile_rows(TILES, PERM, pid_m, tiles_per_image, Nq, BLOCK_M: tl.constexpr, P
     return b, rows, row_mask
 
 
+@triton.jit
+def _rows(PTR, b, h, idx, d, mask, stride_b, stride_h, stride_n):
+    """The (len(idx), BLOCK_D) rows ``idx`` of head h of image b; masked lanes read 0."""
+    return tl.load(PTR + b * stride_b + h * stride_h + idx[:, None] * stride_n + d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b with fp32 accumulation: exact fp32 products for fp32 inputs (no TF32), otherwise ``a``
+    cast to ``b``'s dtype (probabilities and score gradients meet bf16/fp16 operands)."""
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a.to(b.dtype), b)
+    return out
+
+
+@triton.jit
+def _scores(q, k, valid, qk_scale, IEEE: tl.constexpr):
+    """q k^T in log2 units (scale folded in), -inf where the token may not see the key."""
+    return tl.where(valid, _dot(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
+
+
+
 # Sizes vary from call to call (token counts, references): compile once, not per value.
 _DYNAMIC = ["Nq", "tiles_per_image", "R", "D"]
 
@@ -76,7 +100,7 @@ def _region_attention_fwd(
         tl.store(o_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=O.dtype.element_ty), mask=io_mask)
         tl.store(lse_ptrs, tl.full([BLOCK_M], float("inf"), tl.float32), mask=row_mask)
         return
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + d[None, :], mask=io_mask, other=0.0)
+    q = _rows(Q, b, h, rows, d, io_mask, stride_qb, stride_qh, stride_qn)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -90,23 +114,16 @@ def _region_attention_fwd(
                 cols = (n0 + n_off).to(tl.int64)
                 col_mask = cols < end
                 kv_mask = col_mask[:, None] & d_mask[None, :]
-                k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0)
-                if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))
+                k = _rows(K, b, h, cols, d, kv_mask, stride_kb, stride_kh, stride_kn)
+                v = _rows(V, b, h, cols, d, kv_mask, stride_vb, stride_vh, stride_vn)
                 valid = (bit[:, None] == 1) & col_mask[None, :]
-                s = tl.where(valid, s * qk_scale, float("-inf"))
+                s = _scores(q, k, valid, qk_scale, IEEE)
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p = tl.exp2(s - m_safe[:, None])
                 alpha = tl.exp2(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, axis=1)
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                acc = acc * alpha[:, None] + _dot(p, v, IEEE)
                 m_i = m_new
     has = l_i > 0
     l_safe = tl.where(has, l_i, 1.0)
@@ -143,9 +160,9 @@ def _region_attention_bwd(
     if tl.max(mem, axis=0) == 0:
         tl.store(dq_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=DQ.dtype.element_ty), mask=io_mask)
         return
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + d[None, :], mask=io_mask, other=0.0)
-    do = tl.load(DO + b * stride_db + h * stride_dh + rows[:, None] * stride_dn + d[None, :], mask=io_mask, other=0.0)
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + d[None, :], mask=io_mask, other=0.0)
+    q = _rows(Q, b, h, rows, d, io_mask, stride_qb, stride_qh, stride_qn)
+    do = _rows(DO, b, h, rows, d, io_mask, stride_db, stride_dh, stride_dn)
+    o = _rows(O, b, h, rows, d, io_mask, stride_ob, stride_oh, stride_on)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     lse = tl.load(LSE + b * stride_lb + h * stride_lh + rows, mask=row_mask, other=float("inf"))
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -159,31 +176,15 @@ def _region_attention_bwd(
                 cols = (n0 + n_off).to(tl.int64)
                 col_mask = cols < end
                 kv_mask = col_mask[:, None] & d_mask[None, :]
-                k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0)
+                k = _rows(K, b, h, cols, d, kv_mask, stride_kb, stride_kh, stride_kn)
+                v = _rows(V, b, h, cols, d, kv_mask, stride_vb, stride_vh, stride_vn)
                 valid = (bit[:, None] == 1) & col_mask[None, :]
-                if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))
-                s = tl.where(valid, s * qk_scale, float("-inf"))
-                p = tl.exp2(s - lse[:, None])
-                if IEEE:
-                    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-                else:
-                    dp = tl.dot(do, tl.trans(v))
-                ds = p * (dp - delta[:, None]) * sm_scale
-                if IEEE:
-                    dq += tl.dot(ds, k, input_precision="ieee")
-                else:
-                    dq += tl.dot(ds.to(k.dtype), k)
+                p = tl.exp2(_scores(q, k, valid, qk_scale, IEEE) - lse[:, None])
+                ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None]) * sm_scale
+                dq += _dot(ds, k, IEEE)
                 if ATOMIC_DKDV:
-                    if IEEE:
-                        dv = tl.dot(tl.trans(p), do, input_precision="ieee")
-                        dk = tl.dot(tl.trans(ds), q, input_precision="ieee")
-                    else:
-                        dv = tl.dot(tl.trans(p.to(do.dtype)), do)
-                        dk = tl.dot(tl.trans(ds.to(q.dtype)), q)
+                    dv = _dot(tl.trans(p), do, IEEE)
+                    dk = _dot(tl.trans(ds), q, IEEE)
                     acc_off = b * stride_ab + h * stride_ah + cols[:, None] * stride_an + d[None, :]
                     tl.atomic_add(DK + acc_off, dk, mask=kv_mask)
                     tl.atomic_add(DV + acc_off, dv, mask=kv_mask)
@@ -223,8 +224,8 @@ def _region_attention_bwd_dkdv(
     cols = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
     col_mask = cols < end
     kv_mask = col_mask[:, None] & d_mask[None, :]
-    k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0)
+    k = _rows(K, b, h, cols, d, kv_mask, stride_kb, stride_kh, stride_kn)
+    v = _rows(V, b, h, cols, d, kv_mask, stride_vb, stride_vh, stride_vn)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if PACKED:
@@ -242,29 +243,16 @@ def _region_attention_bwd_dkdv(
         bit = (mem >> r) & 1
         if tl.max(bit, axis=0) > 0:
             io_mask = row_mask[:, None] & d_mask[None, :]
-            q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + d[None, :], mask=io_mask, other=0.0)
-            do = tl.load(DO + b * stride_db + h * stride_dh + rows[:, None] * stride_dn + d[None, :], mask=io_mask, other=0.0)
-            o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + d[None, :], mask=io_mask, other=0.0)
+            q = _rows(Q, b, h, rows, d, io_mask, stride_qb, stride_qh, stride_qn)
+            do = _rows(DO, b, h, rows, d, io_mask, stride_db, stride_dh, stride_dn)
+            o = _rows(O, b, h, rows, d, io_mask, stride_ob, stride_oh, stride_on)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
             lse = tl.load(LSE + b * stride_lb + h * stride_lh + rows, mask=row_mask, other=float("inf"))
             valid = (bit[:, None] == 1) & col_mask[None, :]
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(valid, s * qk_scale, float("-inf"))
-            p = tl.exp2(s - lse[:, None])
-            if IEEE:
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-                dv += tl.dot(tl.trans(p), do, input_precision="ieee")
-            else:
-                dp = tl.dot(do, tl.trans(v))
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            ds = p * (dp - delta[:, None]) * sm_scale
-            if IEEE:
-                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
-            else:
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            p = tl.exp2(_scores(q, k, valid, qk_scale, IEEE) - lse[:, None])
+            ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None]) * sm_scale
+            dv += _dot(tl.trans(p), do, IEEE)
+            dk += _dot(tl.trans(ds), q, IEEE)
     out = b * stride_gb + h * stride_gh + cols[:, None] * stride_gn + d[None, :]
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
