@@ -25,13 +25,10 @@ MAX_REFS = 62
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_BLOCK_M = 64  # forward query tile
-
-
-def _bwd_block_m(D: int) -> int:
-    """Backward query tile. 128 (half the dk/dv atomics) measured slower than 64 on an H200 (0.82 ms
-    vs 0.44 ms, SigLIP shape, bf16): the larger tile spills. Kept as a knob for tuning runs."""
-    return 64
+# Query tile of the forward and of both backward kernels (one packed tile table serves all three).
+# A 128-row backward tile (half the atomics of the atomic variant) measured slower on an H200
+# (0.82 ms vs 0.44 ms, SigLIP shape, bf16): the larger tile spills.
+_BLOCK_M = 64
 
 
 def _n_tiles(T: int, n_images: int, block_m: int) -> int:
@@ -234,7 +231,7 @@ def _fwd_impl(q, k, v, membership, ref_offsets, tiles, perm, scale):
         T = q.shape[0]
         lse = torch.empty(H, T, dtype=torch.float32, device=q.device)
         lse_strides = (0, lse.stride(0))
-        Nq, tiles_per_image, grid_m = T, 1, _n_tiles(T, k.shape[0], _BLOCK_M)  # forward part of the table
+        Nq, tiles_per_image, grid_m = T, 1, tiles.shape[0]
     else:
         B, _, Nq, _ = q.shape
         lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
@@ -275,17 +272,15 @@ def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, perm, scale
     acc_dtype = torch.float32 if atomic else k.dtype
     dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
-    block_m = _bwd_block_m(D)
     block_n = _block_n(Nkv, R)
     block_d = max(16, triton_next_pow2(D))
     if packed:
         Nq, tiles_per_image = q.shape[0], 1
-        grid_m = _n_tiles(Nq, B, block_m)
-        tiles = tiles[_n_tiles(Nq, B, _BLOCK_M):]  # the backward part of the table
+        grid_m = tiles.shape[0]
         lse_strides = (0, lse.stride(0))
     else:
         Nq = q.shape[2]
-        tiles_per_image = -(-Nq // block_m)
+        tiles_per_image = -(-Nq // _BLOCK_M)
         grid_m = B * tiles_per_image
         lse_strides = (lse.stride(0), lse.stride(1))
     if not (grid_m and H and q.numel()):
@@ -301,7 +296,7 @@ def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, perm, scale
         *os_, *ds_, *gs, dk.stride(0), dk.stride(1), dk.stride(2),
         *lse_strides, *ms, ref_offsets.stride(0),
         Nq, tiles_per_image, R, D, scale * LOG2E, scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, ATOMIC_DKDV=atomic, **common,
+        BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_D=block_d, ATOMIC_DKDV=atomic, **common,
     )
     if not atomic and R and Nkv:
         nb = -(-Nkv // block_n)  # static bound on key blocks per reference: no host read of the offsets
@@ -311,7 +306,7 @@ def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, perm, scale
             *os_, *ds_, dk.stride(0), dk.stride(1), dk.stride(2),
             *lse_strides, *ms, ref_offsets.stride(0),
             Nq, tiles_per_image, grid_m, R, nb, D, scale * LOG2E, scale,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **common,
+            BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_D=block_d, **common,
         )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
@@ -466,12 +461,9 @@ def region_attention_packed(q, k, v, membership, image_index, ref_offsets, *, sc
     if impl == "torch":
         return region_attention_packed_ref(q, k, v, membership, image_index, ref_offsets, scale)
     membership = _kernel_ready("region_attention_packed", q, membership)
-    bwd_m = _bwd_block_m(q.shape[-1])
-    plan = _seen_before(("plan", k.shape[0], bwd_m), image_index, value=True)
-    if plan is None:  # the tile tables depend on image_index only: one plan per layout
-        perm, fwd_tiles = packed_tiles(image_index, k.shape[0], _BLOCK_M)
-        _, bwd_tiles = packed_tiles(image_index, k.shape[0], bwd_m)
-        plan = (perm, torch.cat([fwd_tiles, bwd_tiles]))  # forward tiles, then backward tiles
-        _remember(("plan", k.shape[0], bwd_m), image_index, payload=plan)
+    plan = _seen_before(("plan", k.shape[0]), image_index, value=True)
+    if plan is None:  # the tile table depends on image_index only: one plan per layout
+        plan = packed_tiles(image_index, k.shape[0], _BLOCK_M)
+        _remember(("plan", k.shape[0]), image_index, payload=plan)
     perm, tiles = plan
     return _region_attention_triton(q, k, v, membership, ref_offsets, tiles, perm, scale)

@@ -63,7 +63,7 @@ def run_train(args) -> int:
         return 0
     out = Path(cfg.out)
     plot = plot_losses(result["log"], out / "loss.png")
-    grid = sample_grid(result["model"], cfg, out / "samples.png")
+    grid = sample_grid(result["model"], cfg, out / "samples.png", dataset=result["dataset"])
     skipped = dict(getattr(result.get("dataset"), "skipped", {}) or {})
     summary = {"step": result["step"], "checkpoint": str(result["checkpoint"]), "loss_plot": str(plot), "samples": str(grid),
                "skipped_samples": skipped}
@@ -73,7 +73,7 @@ def run_train(args) -> int:
 
 
 @torch.no_grad()
-def sample_grid(model, cfg: C.TrainConfig, path) -> Path:
+def sample_grid(model, cfg: C.TrainConfig, path, dataset=None) -> Path:
     """One row per sample prompt: the references of a training sample, then the image generated with
     the trained adapter in that sample's boxes."""
     from PIL import Image
@@ -82,7 +82,7 @@ def sample_grid(model, cfg: C.TrainConfig, path) -> Path:
     from idflux.train.data_pipeline import build_dataset, collate
 
     device = next(model.adapter.parameters()).device
-    ds = build_dataset(cfg)
+    ds = dataset if dataset is not None else build_dataset(cfg)  # the run's own data, not indexed again
     sample = ds.sample(0, cfg.phases[-1])
     batch = collate([sample], device)
     dtype = next(model.transformer.parameters()).dtype
