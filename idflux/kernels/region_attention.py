@@ -31,10 +31,6 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BLOCK_M = 64
 
 
-def _n_tiles(T: int, n_images: int, block_m: int) -> int:
-    return -(-T // block_m) + n_images
-
-
 # ---------------------------------------------------------------------------------------------
 # Input checks (all of them here; kernels assume valid input)
 # ---------------------------------------------------------------------------------------------
@@ -182,131 +178,182 @@ def triton_next_pow2(n: int) -> int:
     return 1 << (max(int(n), 1) - 1).bit_length()
 
 
-def packed_tiles(image_index: torch.Tensor, n_images: int, block_m: int = _BLOCK_M):
-    """(perm, tiles) for the packed form, computed on the device without a host sync.
+# Sorts after every real pattern (bits < 2^62): tokens in no box go last in their image.
+_NOT_PLANNED = 1 << 62
 
-    perm groups the tokens by image (stable); tiles is (n_tiles, 3) int64 rows (image, first, end)
-    in perm's order, BLOCK_M rows per tile at most, tiles never crossing images. n_tiles is the
-    static bound ceil(T / BLOCK_M) + B; unused tiles are empty (first == end) and exit at once.
-    The table depends only on image_index: callers that reuse one layout (every step of a
-    generation) can compute it once.
+
+def build_plan(membership: torch.Tensor, image: torch.Tensor, rows: torch.Tensor, n_images: int, n_refs: int,
+               block_m: int = _BLOCK_M):
+    """The kernels' tile plan for tokens with bitmask ``membership`` (N,) of images ``image`` (N,)
+    sitting at q rows ``rows`` (N,). Computed on the device with no host sync (a static number of
+    tiles), once per layout. Returns (tiles, rows, ref_tiles, ref_counts):
+
+    - the planned tokens are those with a bit set, grouped by image and sorted by membership
+      pattern inside an image (so a tile mostly holds one pattern and visits few references);
+    - tiles (n_tiles, 3) int32 rows (image, first, end) into the sorted ``rows`` (int32, q's row of
+      each sorted token), BLOCK_M tokens at most, never crossing images; n_tiles is the static
+      bound ceil(N / BLOCK_M) + n_images, unused tiles are empty (first == end);
+    - ref_tiles (n_images * n_refs, n_tiles) int32 and ref_counts (n_images * n_refs,) int32:
+      row b * R + r lists, in its first ``ref_counts[b * R + r]`` entries, the tiles holding a
+      token of reference r of image b (what the dk/dv kernel walks).
     """
-    dev = image_index.device
-    idx = image_index.long()
-    T = idx.numel()
-    perm = torch.argsort(idx, stable=True)
-    counts = torch.zeros(n_images, dtype=torch.int64, device=dev).scatter_add_(0, idx, torch.ones_like(idx))
+    dev = membership.device
+    mem = membership.reshape(-1).long()
+    img = image.reshape(-1).long()
+    N, B, R = mem.numel(), n_images, n_refs
+    member = mem != 0
+    order = torch.argsort(torch.where(member, mem, _NOT_PLANNED), stable=True)
+    order = order[torch.argsort(img[order], stable=True)]  # by image, then by pattern, no-box last
+    mem_s, img_s = mem[order], img[order]
+    per_image = torch.zeros(B, dtype=torch.int64, device=dev).scatter_add_(0, img, torch.ones_like(img))
+    counts = torch.zeros(B, dtype=torch.int64, device=dev).scatter_add_(0, img, member.long())
+    seg_start = torch.cumsum(per_image, 0) - per_image
     tiles_per = (counts + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles_per, 0)
     tile_start = tile_end - tiles_per
-    row_start = torch.cumsum(counts, 0) - counts
-    t = torch.arange(_n_tiles(T, n_images, block_m), device=dev)
-    img = torch.searchsorted(tile_end, t, right=True)
-    used = img < n_images
-    img = img.clamp(max=max(n_images - 1, 0))
-    first = row_start[img] + (t - tile_start[img]) * block_m
-    end = row_start[img] + counts[img]
-    zero = torch.zeros_like(first)
-    tiles = torch.stack([img, torch.where(used, first, zero), torch.where(used, end, zero)], 1).contiguous()
-    return perm, tiles
+    n_tiles = -(-N // block_m) + B
+    t = torch.arange(n_tiles, device=dev)
+    t_img = torch.searchsorted(tile_end, t, right=True)
+    used = t_img < B
+    t_img = t_img.clamp(max=max(B - 1, 0))
+    zero = torch.zeros_like(t)
+    if B:
+        first = seg_start[t_img] + (t - tile_start[t_img]) * block_m
+        end = torch.minimum(first + block_m, seg_start[t_img] + counts[t_img])
+    else:
+        first = end = zero
+    tiles = torch.stack([t_img, torch.where(used, first, zero), torch.where(used, end, zero)], 1)
+    # The tile of each planned token, then which references each tile holds.
+    rank = torch.arange(N, device=dev) - seg_start[img_s]
+    planned = rank < counts[img_s]
+    tile_of = torch.where(planned, tile_start[img_s] + rank // block_m, 0)
+    bits = ((mem_s[:, None] >> torch.arange(R, device=dev)) & 1) * planned[:, None].long()
+    has = torch.zeros(n_tiles, R, dtype=torch.int64, device=dev).scatter_reduce_(
+        0, tile_of[:, None].expand(N, R), bits, "amax")
+    sel = (has.T[None] > 0) & (t_img[None, None] == torch.arange(B, device=dev)[:, None, None]) & used
+    ref_counts = sel.sum(-1).reshape(B * R)
+    ref_tiles = torch.argsort((~sel).to(torch.int32), dim=-1, stable=True).reshape(B * R, n_tiles)
+    rows = rows.reshape(-1).long()[order]
+    # The kernels index these with unit inner strides: contiguous int32, whatever layout the ops chose.
+    return tuple(x.to(torch.int32).contiguous() for x in (tiles, rows, ref_tiles, ref_counts))
 
 
-def _geometry(q, membership, packed: bool):
-    """Strides (batch, head, row) of q-shaped tensors and of membership, rows per image, grid rows."""
-    if packed:
-        return (0, q.stride(1), q.stride(0)), (0, membership.stride(0))
-    return (q.stride(0), q.stride(1), q.stride(2)), (membership.stride(0), membership.stride(1))
+def _dense_plan(membership: torch.Tensor, n_refs: int):
+    B, Nq = membership.shape
+    pos = torch.arange(B * Nq, device=membership.device)
+    return build_plan(membership, pos // max(Nq, 1), pos % max(Nq, 1), B, n_refs)
 
 
-def _fwd_impl(q, k, v, membership, ref_offsets, tiles, perm, scale):
+def _packed_plan(membership: torch.Tensor, image_index: torch.Tensor, n_images: int, n_refs: int):
+    rows = torch.arange(membership.shape[0], device=membership.device)
+    return build_plan(membership, image_index, rows, n_images, n_refs)
+
+
+def _plan_for(membership, image_index, n_images, n_refs):
+    """The layout's plan: cached in eager mode (the same layout tensors come back for every module
+    and every denoising step), traced into the graph under torch.compile."""
+    def build():
+        if image_index is None:
+            return _dense_plan(membership, n_refs)
+        return _packed_plan(membership, image_index, n_images, n_refs)
+
+    if torch.compiler.is_compiling():
+        return build()
+    tensors = (membership,) if image_index is None else (membership, image_index)
+    tag = ("plan", n_images, n_refs, _BLOCK_M)
+    plan = _seen_before(tag, *tensors, value=True)
+    if plan is None:
+        plan = build()
+        _remember(tag, *tensors, payload=plan)
+    return plan
+
+
+def _geometry(t, membership):
+    """(batch, head, row) strides of a q-shaped tensor, dense (B, H, N, D) or packed (T, H, D), and
+    membership's (batch, row) strides."""
+    if t.dim() == 3:
+        return (0, t.stride(1), t.stride(0)), (0, membership.stride(0))
+    return (t.stride(0), t.stride(1), t.stride(2)), (membership.stride(0), membership.stride(1))
+
+
+def _lse_like(q, fill):
+    """LSE of every q row: (H, T) packed, (B, H, Nq) dense; fp32."""
+    shape = (q.shape[1], q.shape[0]) if q.dim() == 3 else q.shape[:3]
+    return torch.full(shape, fill, dtype=torch.float32, device=q.device)
+
+
+def _lse_strides(lse):
+    return (0, lse.stride(0)) if lse.dim() == 2 else (lse.stride(0), lse.stride(1))
+
+
+def _heads(q):
+    return q.shape[1]  # (T, H, D) and (B, H, Nq, D) alike
+
+
+def _fwd_impl(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale):
     from idflux.kernels._region_attention_triton import LOG2E, _region_attention_fwd
 
-    packed = tiles is not None
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    D = q.shape[-1]
-    H = q.shape[1]
+    D, H = q.shape[-1], _heads(q)
     R = ref_offsets.shape[1] - 1
-    out = torch.empty_like(q)
-    if packed:
-        T = q.shape[0]
-        lse = torch.empty(H, T, dtype=torch.float32, device=q.device)
-        lse_strides = (0, lse.stride(0))
-        Nq, tiles_per_image, grid_m = T, 1, tiles.shape[0]
-    else:
-        B, _, Nq, _ = q.shape
-        lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
-        lse_strides = (lse.stride(0), lse.stride(1))
-        tiles_per_image = -(-Nq // _BLOCK_M)
-        grid_m = B * tiles_per_image
-    if grid_m == 0 or H == 0 or q.numel() == 0:
-        return out.zero_(), lse.fill_(float("inf"))
-    qs, ms = _geometry(q, membership, packed)
-    os_, _ = _geometry(out, membership, packed)
-    dummy = ref_offsets
-    _region_attention_fwd[(grid_m, H)](
-        q, k, v, out, lse, membership, ref_offsets, tiles if packed else dummy, perm if packed else dummy,
+    out = torch.zeros_like(q)  # tokens in no box stay exactly 0; the kernel writes the planned ones
+    lse = _lse_like(q, float("inf"))
+    if tiles.shape[0] == 0 or H == 0 or q.numel() == 0 or k.shape[2] == 0:
+        return out, lse
+    qs, ms = _geometry(q, membership)
+    os_, _ = _geometry(out, membership)
+    _region_attention_fwd[(tiles.shape[0], H)](
+        q, k, v, out, lse, membership, ref_offsets, tiles, rows,
         *qs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), *os_,
-        *lse_strides, *ms, ref_offsets.stride(0),
-        Nq, tiles_per_image, R, D, scale * LOG2E,
-        BLOCK_M=_BLOCK_M, BLOCK_N=_block_n(k.shape[2], R), BLOCK_D=max(16, triton_next_pow2(D)),
-        PACKED=packed, IEEE=q.dtype == torch.float32, num_warps=4,
+        *_lse_strides(lse), *ms, ref_offsets.stride(0),
+        R, scale * LOG2E,
+        BLOCK_M=_BLOCK_M, BLOCK_N=_block_n(k.shape[2], R), BLOCK_D=max(16, triton_next_pow2(D)), HEAD_D=D,
+        IEEE=q.dtype == torch.float32, num_warps=4,
     )
     return out, lse
 
 
-#: How the backward gets dk/dv: "key_parallel" (one program per key block walks its image's query
-#: tiles, no atomics) or "atomic" (every query tile adds into fp32 dk/dv). A knob for tuning runs.
+#: How the backward gets dk/dv: "key_parallel" (one program per key block walks the tiles of its
+#: reference, no atomics) or "atomic" (every query tile adds into fp32 dk/dv). A knob for tuning runs.
 BWD_DKDV = "key_parallel"
 
 
-def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, perm, scale):
+def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale):
     from idflux.kernels._region_attention_triton import LOG2E, _region_attention_bwd, _region_attention_bwd_dkdv
 
-    packed = tiles is not None
     q, k, v, out, do = (_last_dim_contiguous(t) for t in (q, k, v, out, do))
-    D, H = q.shape[-1], q.shape[1]
+    D, H = q.shape[-1], _heads(q)
     B, Nkv = k.shape[0], k.shape[2]
     R = ref_offsets.shape[1] - 1
     atomic = BWD_DKDV == "atomic"
-    dq = torch.empty_like(q)
+    dq = torch.zeros_like(q)
     acc_dtype = torch.float32 if atomic else k.dtype
     dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
+    if not (tiles.shape[0] and H and q.numel() and Nkv):
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
+    delta = torch.empty_like(lse)  # written by the dq kernel for every planned row, read by dk/dv
     block_n = _block_n(Nkv, R)
-    block_d = max(16, triton_next_pow2(D))
-    if packed:
-        Nq, tiles_per_image = q.shape[0], 1
-        grid_m = tiles.shape[0]
-        lse_strides = (0, lse.stride(0))
-    else:
-        Nq = q.shape[2]
-        tiles_per_image = -(-Nq // _BLOCK_M)
-        grid_m = B * tiles_per_image
-        lse_strides = (lse.stride(0), lse.stride(1))
-    if not (grid_m and H and q.numel()):
-        return dq.zero_(), dk.to(k.dtype), dv.to(v.dtype)
-    qs, ms = _geometry(q, membership, packed)
-    os_, ds_, gs = (_geometry(t, membership, packed)[0] for t in (out, do, dq))
-    dummy = ref_offsets
-    tiles_arg, perm_arg = (tiles, perm) if packed else (dummy, dummy)
-    common = dict(PACKED=packed, IEEE=q.dtype == torch.float32, num_warps=4)
-    _region_attention_bwd[(grid_m, H)](
-        q, k, v, out, do, dq, dk, dv, lse, membership, ref_offsets, tiles_arg, perm_arg,
+    qs, ms = _geometry(q, membership)
+    os_, ds_, gs = (_geometry(t, membership)[0] for t in (out, do, dq))
+    ls = _lse_strides(lse)
+    common = dict(BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_D=max(16, triton_next_pow2(D)), HEAD_D=D,
+                  IEEE=q.dtype == torch.float32, num_warps=4)
+    _region_attention_bwd[(tiles.shape[0], H)](
+        q, k, v, out, do, dq, dk, dv, lse, delta, membership, ref_offsets, tiles, rows,
         *qs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         *os_, *ds_, *gs, dk.stride(0), dk.stride(1), dk.stride(2),
-        *lse_strides, *ms, ref_offsets.stride(0),
-        Nq, tiles_per_image, R, D, scale * LOG2E, scale,
-        BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_D=block_d, ATOMIC_DKDV=atomic, **common,
+        *ls, *ms, ref_offsets.stride(0),
+        R, scale * LOG2E, scale, ATOMIC_DKDV=atomic, **common,
     )
-    if not atomic and R and Nkv:
+    if not atomic and R:
         nb = -(-Nkv // block_n)  # static bound on key blocks per reference: no host read of the offsets
         _region_attention_bwd_dkdv[(B * R * nb, H)](
-            q, k, v, out, do, dk, dv, lse, membership, ref_offsets, tiles_arg, perm_arg,
+            q, k, v, do, dk, dv, lse, delta, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts,
             *qs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            *os_, *ds_, dk.stride(0), dk.stride(1), dk.stride(2),
-            *lse_strides, *ms, ref_offsets.stride(0),
-            Nq, tiles_per_image, grid_m, R, nb, D, scale * LOG2E, scale,
-            BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_D=block_d, **common,
+            *ds_, dk.stride(0), dk.stride(1), dk.stride(2),
+            *ls, *ms, ref_offsets.stride(0), ref_tiles.stride(0),
+            R, nb, scale * LOG2E, scale, **common,
         )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
@@ -317,42 +364,40 @@ def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, perm, scale
 
 @torch.library.custom_op("idflux::region_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, membership: torch.Tensor, ref_offsets: torch.Tensor,
-            tiles: Optional[torch.Tensor], perm: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_impl(q, k, v, membership, ref_offsets, tiles, perm, scale)
+            tiles: torch.Tensor, rows: torch.Tensor, ref_tiles: torch.Tensor, ref_counts: torch.Tensor,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_impl(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, membership, ref_offsets, tiles, perm, scale):
-    if tiles is not None:
-        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-    else:
-        lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
-    return torch.empty_like(q), lse
+def _(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale):
+    shape = (q.shape[1], q.shape[0]) if q.dim() == 3 else tuple(q.shape[:3])
+    return torch.empty_like(q), q.new_empty(shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("idflux::region_attention_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-            membership: torch.Tensor, ref_offsets: torch.Tensor, tiles: Optional[torch.Tensor], perm: Optional[torch.Tensor],
-            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, perm, scale)
+            membership: torch.Tensor, ref_offsets: torch.Tensor, tiles: torch.Tensor, rows: torch.Tensor,
+            ref_tiles: torch.Tensor, ref_counts: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale)
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, out, lse, membership, ref_offsets, tiles, perm, scale):
+def _(do, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, membership, ref_offsets, tiles, perm, scale = inputs
+    *tensors, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, membership, ref_offsets, tiles, perm)
+    ctx.save_for_backward(*tensors, out, lse)
     ctx.scale = scale
 
 
 def _backward(ctx, d_out, d_lse):
-    q, k, v, out, lse, membership, ref_offsets, tiles, perm = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(d_out, q, k, v, out, lse, membership, ref_offsets, tiles, perm, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None
+    q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, out, lse = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(d_out, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -364,23 +409,23 @@ class RegionAttentionFunction(torch.autograd.Function):
     the custom op is used instead (see :func:`_region_attention_triton`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, membership, ref_offsets, tiles, perm, scale):
-        out, lse = _fwd_impl(q, k, v, membership, ref_offsets, tiles, perm, scale)
-        ctx.save_for_backward(q, k, v, out, lse, membership, ref_offsets, tiles, perm)
+    def forward(ctx, q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale):
+        out, lse = _fwd_impl(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale)
+        ctx.save_for_backward(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, out, lse)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, out, lse, membership, ref_offsets, tiles, perm = ctx.saved_tensors
-        dq, dk, dv = _bwd_impl(d_out, q, k, v, out, lse, membership, ref_offsets, tiles, perm, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None
+        q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, out, lse = ctx.saved_tensors
+        dq, dk, dv = _bwd_impl(d_out, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def _region_attention_triton(q, k, v, membership, ref_offsets, tiles, perm, scale):
+def _region_attention_triton(q, k, v, membership, ref_offsets, plan, scale):
     if torch.compiler.is_compiling():
-        return _fwd_op(q, k, v, membership, ref_offsets, tiles, perm, scale)[0]
-    return RegionAttentionFunction.apply(q, k, v, membership, ref_offsets, tiles, perm, scale)
+        return _fwd_op(q, k, v, membership, ref_offsets, *plan, scale)[0]
+    return RegionAttentionFunction.apply(q, k, v, membership, ref_offsets, *plan, scale)
 
 
 def _kernel_ready(fn, q, membership):
@@ -426,8 +471,9 @@ def region_attention(q, k, v, membership, ref_offsets, *, scale=None, backend="a
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if impl == "torch":
         return region_attention_ref(q, k, v, membership, ref_offsets, scale)
+    plan = _plan_for(membership, None, q.shape[0], ref_offsets.shape[1] - 1)
     membership = _kernel_ready("region_attention", q, membership)
-    return _region_attention_triton(q, k, v, membership, ref_offsets, None, None, scale)
+    return _region_attention_triton(q, k, v, membership, ref_offsets, plan, scale)
 
 
 def region_attention_packed(q, k, v, membership, image_index, ref_offsets, *, scale=None, backend="auto"):
@@ -460,10 +506,6 @@ def region_attention_packed(q, k, v, membership, image_index, ref_offsets, *, sc
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if impl == "torch":
         return region_attention_packed_ref(q, k, v, membership, image_index, ref_offsets, scale)
+    plan = _plan_for(membership, image_index, k.shape[0], ref_offsets.shape[1] - 1)
     membership = _kernel_ready("region_attention_packed", q, membership)
-    plan = _seen_before(("plan", k.shape[0]), image_index, value=True)
-    if plan is None:  # the tile table depends on image_index only: one plan per layout
-        plan = packed_tiles(image_index, k.shape[0], _BLOCK_M)
-        _remember(("plan", k.shape[0]), image_index, payload=plan)
-    perm, tiles = plan
-    return _region_attention_triton(q, k, v, membership, ref_offsets, tiles, perm, scale)
+    return _region_attention_triton(q, k, v, membership, ref_offsets, plan, scale)

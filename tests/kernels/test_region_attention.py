@@ -314,9 +314,10 @@ def test_packed_bad_image_index():
 @needs_triton
 def test_custom_op_registration_and_compile():
     q, k, v, mem, offs = random_case(1, 2, 20, 16, [[5, 7]], device=KDEV)
-    from idflux.kernels.region_attention import _fwd_op
+    from idflux.kernels.region_attention import _dense_plan, _fwd_op
 
-    torch.library.opcheck(_fwd_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mem, offs, None, None, 0.25),
+    plan = _dense_plan(mem, offs.shape[1] - 1)
+    torch.library.opcheck(_fwd_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mem, offs, *plan, 0.25),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     fn = torch.compile(lambda a, b, c: region_attention(a, b, c, mem, offs, backend="triton") * 2, backend="aot_eager", fullgraph=False)
     out = fn(q, k, v)
@@ -452,3 +453,43 @@ def test_both_backward_strategies_match_reference(monkeypatch, strategy):
     g = torch.randn_like(ref)
     for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(out, ours, g), torch.autograd.grad(ref, theirs, g)):
         torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-4, msg=f"packed {strategy} {name}")
+
+
+def _plan_case(gen, B, N, R):
+    mem = torch.randint(0, 2 ** R, (B, N), generator=gen)
+    mem[torch.rand(B, N, generator=gen) < 0.4] = 0
+    return mem
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tile_plan_invariants(seed):
+    import importlib
+
+    ra = importlib.import_module("idflux.kernels.region_attention")
+    gen = torch.Generator().manual_seed(seed)
+    B, N, R = 1 + seed % 3, [1, 63, 64, 65, 200, 513][seed], 1 + seed % 4
+    mem = _plan_case(gen, B, N, R)
+    tiles, rows, ref_tiles, ref_counts = ra._dense_plan(mem, R)
+    bm = ra._BLOCK_M
+    assert tiles.shape[0] == -(-B * N // bm) + B and tiles.is_contiguous() and ref_tiles.is_contiguous()
+    seen = []
+    for t, (b, first, end) in enumerate(tiles.tolist()):
+        assert 0 <= end - first <= bm
+        toks = rows[first:end].long()
+        patterns = mem[b, toks]
+        assert (patterns != 0).all(), "a planned token with no box"
+        assert torch.equal(patterns, patterns.sort().values), "tokens of a tile not sorted by pattern"
+        seen += [(b, i) for i in toks.tolist()]
+        for r in range(R):
+            holds = bool(((patterns >> r) & 1).any())
+            listed = t in ref_tiles[b * R + r, : ref_counts[b * R + r]].tolist()
+            assert holds == listed, f"tile {t} reference {r}: holds {holds}, listed {listed}"
+    want = sorted((b, i) for b, i in (mem != 0).nonzero().tolist())
+    assert sorted(seen) == want, "every token in a box is planned exactly once"
+
+
+@needs_triton
+def test_kernel_many_tiles_several_images_overlapping_boxes():
+    q, k, v, mem, offs = random_case(3, 2, 300, 16, [[9, 20, 3, 14], [5, 5, 5, 5], [30, 0, 2, 7]], p_in=0.7, device=KDEV)
+    mem[1, 100:] = 0b1111  # every token of the tail of image 1 in all four boxes
+    check_kernel_vs_reference(q, k, v, mem, offs, atol=3e-5, rtol=1e-4, label="many tiles")
