@@ -79,4 +79,4 @@ def cases(device: torch.device, quick: bool = False) -> Iterator[Case]:
             fns = mode_fns(fwd, params)
             for mode in ("fwd", "fwd+bwd"):
                 yield Case(OP, name, mode, shape, dname, fns[mode],
-                           note="K/V cached across steps" if name == "ours" else "")
+                           note="K/V cached across steps" if name == "ours" else "", graph=True)

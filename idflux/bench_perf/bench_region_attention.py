@@ -4,7 +4,9 @@ Shapes: the SigLIP branch (4 references x 264 tokens) and the ArcFace branch (4 
 at 512^2 (1024 image tokens) and 1024^2 (4096), with 4 side-by-side boxes covering ~30% of the
 tokens. Providers:
   ref             the PyTorch reference (groups tokens by membership pattern, unmasked SDPA per group)
-  triton          our Triton kernel, dense form (CUDA): writes zeros for out-of-box rows
+  triton          our Triton kernel, dense form (CUDA): zeros for out-of-box rows; the layout's tile
+                  plan is built on the first call and reused (as for every module and step)
+  triton+plan     the same with the layout validated and planned on every call (a new layout)
   triton_packed   the same kernel on the in-box tokens only, (T, H, D), as the engine calls it
   triton_atomic_bwd  the dense form with the other backward strategy (dk/dv by fp32 atomics)
   sdpa_mask       SDPA with the dense boolean mask, mask prebuilt (the released attention call)
@@ -13,6 +15,9 @@ tokens. Providers:
   flex            FlexAttention with a BlockMask from a region mask_mod (CUDA)
   gather_sdpa     per-reference gather of in-box tokens + unmasked SDPA + scatter
   copy            ``copy_`` of the bytes the op must move (bandwidth anchor, fwd only)
+
+Providers without a host sync are also timed from a CUDA-graph replay (``ms_device``): device time
+without Python and launch overhead (see idflux.bench_perf.harness).
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ SUMMARY = [
     ("ref", "sdpa_mask"), ("ref", "sdpa_mask+build"),
     ("triton", "sdpa_mask"), ("triton", "sdpa_mask+build"), ("triton", "flex"), ("triton", "gather_sdpa"),
     ("triton_packed", "sdpa_mask"), ("triton_packed", "flex"), ("triton", "copy"), ("triton_packed", "copy"),
-    ("triton", "triton_atomic_bwd"),
+    ("triton", "triton_atomic_bwd"), ("triton+plan", "sdpa_mask+build"), ("triton+plan", "sdpa_mask"),
 ]
+# Providers that never sync with the host: also timed from a CUDA-graph replay.
+CAPTURABLE = {"triton", "triton_packed", "triton_atomic_bwd", "sdpa_mask", "flex", "gather_sdpa", "copy"}
 HEADS, HEAD_DIM = 24, 64
 
 
@@ -132,13 +139,14 @@ def cases(device: torch.device, quick: bool = False) -> Iterator[Case]:
         providers["gather_sdpa"] = lambda: _gather_sdpa(q, k, v, rows_per_ref, offs_list)
         if cuda and HAS_TRITON:
             providers["triton"] = lambda: region_attention(q, k, v, membership, offsets, backend="triton")
+            providers["triton+plan"] = _replanned(lambda: region_attention(q, k, v, membership, offsets, backend="triton"))
             b_idx, t_idx = (membership != 0).nonzero(as_tuple=True)
             qp = q.detach()[b_idx, :, t_idx].clone().requires_grad_()
             packed_args = (membership[b_idx, t_idx], b_idx, offsets)
             packed_fwd = lambda: region_attention_packed(qp, k, v, *packed_args, backend="triton")  # noqa: E731
             packed_bytes = {m: nb - (2 if m != "bwd" else 3) * HEADS * (Nq - qp.shape[0]) * HEAD_DIM * elt for m, nb in nbytes.items()}
             for mode, fn in _safe_modes(packed_fwd, (qp, k, v)).items():
-                yield Case(OP, "triton_packed", mode, shape, dname, fn, flops=flops[mode], bytes=packed_bytes[mode])
+                yield Case(OP, "triton_packed", mode, shape, dname, fn, flops=flops[mode], bytes=packed_bytes[mode], graph=True)
             if per_ref > 16:  # each shape costs a FlexAttention compile: the SigLIP branch, where it matters
                 owner = (torch.arange(Nkv, device=device) // per_ref).view(1, -1)
                 try:
@@ -147,21 +155,22 @@ def cases(device: torch.device, quick: bool = False) -> Iterator[Case]:
                     providers["flex"] = _raiser(exc)
         for name, fwd in providers.items():
             for mode, fn in _safe_modes(fwd, inputs).items():
-                if name == "sdpa_mask+build" and mode == "bwd":
-                    continue  # the backward does not rebuild the mask: same as sdpa_mask
-                yield Case(OP, name, mode, shape, dname, fn, flops=flops[mode], bytes=nbytes[mode])
+                if name in ("sdpa_mask+build", "triton+plan") and mode == "bwd":
+                    continue  # the backward rebuilds nothing: same as sdpa_mask / triton
+                yield Case(OP, name, mode, shape, dname, fn, flops=flops[mode], bytes=nbytes[mode], graph=name in CAPTURABLE)
             if name == "triton":  # the other backward strategy, for comparison in the same run
                 for mode, fn in _safe_modes(fwd, inputs).items():
                     if mode != "fwd":
                         yield Case(OP, "triton_atomic_bwd", mode, shape, dname, _with_bwd("atomic", fn),
-                                   flops=flops[mode], bytes=nbytes[mode], note="dk/dv by fp32 atomics from every query tile")
+                                   flops=flops[mode], bytes=nbytes[mode], note="dk/dv by fp32 atomics from every query tile",
+                                   graph=True)
         yield Case(OP, "mask_build", "fwd", shape, dname,
                    lambda: released_mask(boxes, HEADS, size, per_ref, n_refs, device),
                    note="released dense-mask construction alone")
         src = torch.empty(nbytes["fwd"] // 2, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
         yield Case(OP, "copy", "fwd", shape, dname, lambda: dst.copy_(src), bytes=nbytes["fwd"],
-                   note="copy_ of the forward's bytes")
+                   note="copy_ of the forward's bytes", graph=True)
         del mask, providers
 
 
@@ -176,6 +185,18 @@ def _with_bwd(strategy: str, fn):
             return fn()
         finally:
             ra.BWD_DKDV = saved
+    return run
+
+
+def _replanned(fn):
+    """fn with region_attention's layout cache emptied first: validation and tile plan every call."""
+    import importlib
+
+    ra = importlib.import_module("idflux.kernels.region_attention")
+
+    def run():
+        ra._SEEN.clear()
+        return fn()
     return run
 
 

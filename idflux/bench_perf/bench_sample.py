@@ -67,5 +67,5 @@ def cases(device: torch.device, quick: bool = False) -> Iterator[Case]:
                                         adapter=adapter if with_adapter else None, adapter_ctx=ctx if with_adapter else None)
             return fn
 
-        yield Case(OP, "no_adapter", "fwd", shape, dname, step(False))
-        yield Case(OP, "adapter", "fwd", shape, dname, step(True), note="K/V cached, packed in-box path")
+        yield Case(OP, "no_adapter", "fwd", shape, dname, step(False), graph=True)
+        yield Case(OP, "adapter", "fwd", shape, dname, step(True), note="K/V cached, packed in-box path", graph=True)

@@ -6,6 +6,12 @@ tensors of one case are freed before the next is built) and ``SUMMARY``: the pai
 (``triton.testing.do_bench`` on CUDA, a repeat timer on CPU), records median and 20/80 percentiles,
 peak memory (CUDA), useful TFLOP/s and GB/s where the case states its work, and the run's
 device, versions and commit.
+
+Two times on CUDA. ``ms`` is what a Python caller sees (do_bench: launches, host-side work and any
+host sync included). ``ms_device`` (cases marked ``graph=True``: no host sync inside) replays the
+call captured in a CUDA graph, so host overhead is gone and only device time remains: the number
+to hold against a bandwidth or FLOP bound, and the one a caller that captures its step gets.
+Speed-ups are reported for both (``speedups`` and ``speedups_device``).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class Case:
     bytes: float | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
+    graph: bool = False  # capturable in a CUDA graph (no host sync): also time device-only on CUDA
 
 
 def mode_fns(forward: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor]) -> dict[str, Callable[[], object]]:
@@ -101,6 +108,48 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, min_reps: int = 3
         samples.append((time.perf_counter() - t0) * 1e3)
     samples.sort()
     q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
+    return statistics.median(samples), q[1], q[7]
+
+
+def graph_time_fn(fn: Callable[[], object], device: torch.device, *, target_ms: float = 20.0,
+                  max_calls: int = 200, replays: int = 10) -> tuple[float, float, float]:
+    """(median, p20, p80) ms per call of ``fn`` replayed from a CUDA graph: device time only.
+
+    ``fn`` must not sync with the host. It is warmed up eagerly (caches, compiles, autotuning), then
+    enough back-to-back calls to fill ``target_ms`` are captured in one graph, which is replayed
+    ``replays`` times; each replay's time divided by its call count is one sample.
+    """
+    if device.type != "cuda":
+        raise ValueError("graph_time_fn: CUDA graphs need a CUDA device")
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    calls = max(1, min(max_calls, int(target_ms / estimate)))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    torch.cuda.synchronize(device)
+    samples = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize(device)
+        samples.append(start.elapsed_time(end) / calls)
+    del graph
+    samples.sort()
+    q = statistics.quantiles(samples, n=10, method="inclusive")
     return statistics.median(samples), q[1], q[7]
 
 
@@ -191,6 +240,13 @@ def run_cases(cases: Iterable[Case], device: torch.device, *, budget_s: float = 
             row["gbps"] = case.bytes / (ms * 1e-3) / 1e9 if case.bytes else None
         except Exception as exc:  # noqa: BLE001 - a broken provider is a row, not a crash
             row.update(ms=None, error=f"{type(exc).__name__}: {exc}")
+        if case.graph and device.type == "cuda" and row.get("ms"):
+            try:
+                md, d20, d80 = graph_time_fn(case.fn, device)
+                row.update(ms_device=md, ms_device_p20=d20, ms_device_p80=d80)
+                row["gbps_device"] = case.bytes / (md * 1e-3) / 1e9 if case.bytes else None
+            except Exception as exc:  # noqa: BLE001 - recorded; the eager time stands
+                row["graph_error"] = f"{type(exc).__name__}: {exc}"
         rows.append(row)
         log(format_row(row))
         case.fn = None  # drop references to the case's tensors before the next is built
@@ -211,16 +267,19 @@ def format_row(row: dict) -> str:
         extra += f" {row['gbps']:8.1f} GB/s"
     if row.get("peak_mem_mb") is not None:
         extra += f" {row['peak_mem_mb']:9.1f} MiB"
+    if row.get("ms_device") is not None:
+        extra += f" | device {row['ms_device']:.4f} ms (CUDA graph)"
     return (f"{row['op']:<17} {row['provider']:<24} {row['mode']:<8} {row['dtype']:<5} {shape_label(row['shape'])}"
             f"  {row['ms']:10.3f} ms [{row['ms_p20']:.3f}, {row['ms_p80']:.3f}]{extra}")
 
 
-def speedups(rows: list[dict], pairs: Sequence[tuple[str, str]]) -> list[dict]:
-    """Ratio baseline_ms / provider_ms for every (provider, baseline) pair measured on the same case."""
+def speedups(rows: list[dict], pairs: Sequence[tuple[str, str]], key: str = "ms") -> list[dict]:
+    """Ratio baseline / provider of ``key`` ("ms", or "ms_device" for CUDA-graph device times) for
+    every (provider, baseline) pair measured on the same case."""
     index = {}
     for r in rows:
-        if r.get("ms"):
-            index[(r["op"], r["provider"], r["mode"], json.dumps(r["shape"], sort_keys=True), r["dtype"])] = r["ms"]
+        if r.get(key):
+            index[(r["op"], r["provider"], r["mode"], json.dumps(r["shape"], sort_keys=True), r["dtype"])] = r[key]
     out = []
     pairs = list(dict.fromkeys(pairs))  # ops may name the same pair
     for (op, prov, mode, shape, dtype), ms in index.items():
@@ -234,11 +293,14 @@ def speedups(rows: list[dict], pairs: Sequence[tuple[str, str]]) -> list[dict]:
     return out
 
 
-def write_results(path: str | os.PathLike, rows: list[dict], summary: list[dict]) -> None:
+def write_results(path: str | os.PathLike, rows: list[dict], summary: list[dict],
+                  summary_device: list[dict] | None = None) -> None:
     """Write rows and speed-ups as JSON, atomically (a crash never leaves a half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "rows": rows, "speedups": summary}
+    if summary_device:
+        doc["speedups_device"] = summary_device
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1, default=str))
     os.replace(tmp, path)

@@ -48,3 +48,38 @@ def test_sweep_that_fails_to_build_ends_with_an_error_row():
 
     rows = harness.run_cases(broken(), torch.device("cpu"), budget_s=0.0, log=lambda s: None)
     assert rows[0]["ms"] > 0 and rows[1]["provider"] == "setup" and "no diffusers" in rows[1]["error"]
+
+
+def test_device_speedups_use_graph_times_and_skip_rows_without_them():
+    from idflux.bench_perf import harness
+
+    base = {"op": "x", "mode": "fwd", "shape": {"n": 1}, "dtype": "fp32"}
+    rows = [
+        {**base, "provider": "ours", "ms": 2.0, "ms_device": 0.1},
+        {**base, "provider": "theirs", "ms": 4.0, "ms_device": 0.5},
+        {**base, "provider": "eager_only", "ms": 1.0},
+    ]
+    eager = harness.speedups(rows, [("ours", "theirs"), ("eager_only", "theirs")])
+    device = harness.speedups(rows, [("ours", "theirs"), ("eager_only", "theirs")], key="ms_device")
+    assert {(s["provider"], round(s["speedup"], 6)) for s in eager} == {("ours", 2.0), ("eager_only", 4.0)}
+    assert [(s["provider"], round(s["speedup"], 6)) for s in device] == [("ours", 5.0)]
+
+
+def test_graph_timing_needs_cuda():
+    import pytest
+    import torch
+
+    from idflux.bench_perf import harness
+
+    with pytest.raises(ValueError, match="CUDA"):
+        harness.graph_time_fn(lambda: None, torch.device("cpu"))
+
+
+def test_cpu_rows_have_no_device_time():
+    import torch
+
+    from idflux.bench_perf import harness
+
+    case = harness.Case("x", "p", "fwd", {"n": 1}, "fp32", lambda: torch.ones(3).sum(), graph=True)
+    (row,) = harness.run_cases([case], torch.device("cpu"), budget_s=0.01, log=lambda s: None)
+    assert row["ms"] > 0 and "ms_device" not in row and "graph_error" not in row
