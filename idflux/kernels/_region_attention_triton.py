@@ -4,9 +4,9 @@ Both public forms (dense (B, H, Nq, D) and packed (T, H, D)) run on one *tile pl
 device from the layout (see ``region_attention._build_plan``): the tokens that lie in at least one
 box, grouped by image and, inside an image, sorted by membership pattern, cut into tiles of
 BLOCK_M rows that never cross images. A tile is (image, first, end) into ``ROWS`` (the row of each
-planned token in q's layout). Sorting by pattern makes most tiles hold one pattern, so a tile
-visits only the key blocks of its few references and nearly every row of it does useful work;
-tokens in no box are not planned at all (their output, LSE and dq are set by the launcher).
+token in q's layout). Sorting by pattern makes most tiles hold one pattern, so a tile visits only
+the key blocks of its few references and nearly every row of it does useful work; tokens in no box
+form "zero tiles" that only store 0 (output, dq) and +inf (LSE) and read nothing else.
 
 Forward: one program = one tile x one head; flash-attention online softmax over the key blocks of
 the references that at least one of its tokens belongs to (references own disjoint key spans, so a
@@ -93,11 +93,15 @@ def _region_attention_fwd(
     h = tl.program_id(1).to(tl.int64)
     b, rows, row_mask = _tile_rows(TILES, ROWS, pid_m, BLOCK_M)
     mem = tl.load(MEM + b * stride_mb + rows * stride_mn, mask=row_mask, other=0)
-    if tl.max(mem, axis=0) == 0:  # an unused tile of the static-size plan
-        return
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_D
     io_mask = row_mask[:, None] & d_mask[None, :]
+    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + d[None, :]
+    lse_ptrs = LSE + b * stride_lb + h * stride_lh + rows
+    if tl.max(mem, axis=0) == 0:  # a zero tile (tokens in no box) or an unused one (no rows)
+        tl.store(o_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=O.dtype.element_ty), mask=io_mask)
+        tl.store(lse_ptrs, tl.full([BLOCK_M], float("inf"), tl.float32), mask=row_mask)
+        return
     q = _rows(Q, b, h, rows, d, io_mask, stride_qb, stride_qh, stride_qn)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -125,9 +129,8 @@ def _region_attention_fwd(
                 m_i = m_new
     has = l_i > 0
     l_safe = tl.where(has, l_i, 1.0)
-    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + d[None, :]
     tl.store(o_ptrs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=io_mask)
-    tl.store(LSE + b * stride_lb + h * stride_lh + rows, tl.where(has, m_i + tl.log2(l_safe), float("inf")), mask=row_mask)
+    tl.store(lse_ptrs, tl.where(has, m_i + tl.log2(l_safe), float("inf")), mask=row_mask)
 
 
 @triton.jit(do_not_specialize=_DYNAMIC)
@@ -153,11 +156,13 @@ def _region_attention_bwd(
     h = tl.program_id(1).to(tl.int64)
     b, rows, row_mask = _tile_rows(TILES, ROWS, pid_m, BLOCK_M)
     mem = tl.load(MEM + b * stride_mb + rows * stride_mn, mask=row_mask, other=0)
-    if tl.max(mem, axis=0) == 0:
-        return
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_D
     io_mask = row_mask[:, None] & d_mask[None, :]
+    dq_ptrs = DQ + b * stride_gb + h * stride_gh + rows[:, None] * stride_gn + d[None, :]
+    if tl.max(mem, axis=0) == 0:  # a zero tile or an unused one
+        tl.store(dq_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=DQ.dtype.element_ty), mask=io_mask)
+        return
     q = _rows(Q, b, h, rows, d, io_mask, stride_qb, stride_qh, stride_qn)
     do = _rows(DO, b, h, rows, d, io_mask, stride_db, stride_dh, stride_dn)
     o = _rows(O, b, h, rows, d, io_mask, stride_ob, stride_oh, stride_on)
@@ -188,7 +193,6 @@ def _region_attention_bwd(
                     acc_off = b * stride_ab + h * stride_ah + cols[:, None] * stride_an + d[None, :]
                     tl.atomic_add(DK + acc_off, dk, mask=kv_mask)
                     tl.atomic_add(DV + acc_off, dv, mask=kv_mask)
-    dq_ptrs = DQ + b * stride_gb + h * stride_gh + rows[:, None] * stride_gn + d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=io_mask)
 
 

@@ -192,11 +192,14 @@ def build_plan(membership: torch.Tensor, image: torch.Tensor, rows: torch.Tensor
     sitting at q rows ``rows`` (N,). Computed on the device with no host sync (a static number of
     tiles), once per layout. Returns (tiles, rows, ref_tiles, ref_counts):
 
-    - the planned tokens are those with a bit set, grouped by image and sorted by membership
-      pattern inside an image (so a tile mostly holds one pattern and visits few references);
+    - tokens are grouped by image and, inside an image, sorted by membership pattern with the
+      tokens in no box last; the planned ones (a bit set) are cut into tiles that mostly hold one
+      pattern and so visit few references, the others into "zero tiles" whose rows the kernels
+      only write zeros to (output, dq) and +inf (LSE): every row of q is covered exactly once;
     - tiles (n_tiles, 3) int32 rows (image, first, end) into the sorted ``rows`` (int32, q's row of
-      each sorted token), BLOCK_M tokens at most, never crossing images; n_tiles is the static
-      bound ceil(N / BLOCK_M) + n_images, unused tiles are empty (first == end);
+      each sorted token), BLOCK_M tokens at most, never crossing images or mixing planned and
+      unplanned tokens; n_tiles is the static bound ceil(N / BLOCK_M) + 2 * n_images, unused
+      tiles are empty (first == end);
     - ref_tiles (n_images * n_refs, n_tiles) int32 and ref_counts (n_images * n_refs,) int32:
       row b * R + r lists, in its first ``ref_counts[b * R + r]`` entries, the tiles holding a
       token of reference r of image b (what the dk/dv kernel walks).
@@ -212,18 +215,22 @@ def build_plan(membership: torch.Tensor, image: torch.Tensor, rows: torch.Tensor
     per_image = torch.zeros(B, dtype=torch.int64, device=dev).scatter_add_(0, img, torch.ones_like(img))
     counts = torch.zeros(B, dtype=torch.int64, device=dev).scatter_add_(0, img, member.long())
     seg_start = torch.cumsum(per_image, 0) - per_image
-    tiles_per = (counts + block_m - 1) // block_m
+    planned_tiles = (counts + block_m - 1) // block_m
+    tiles_per = planned_tiles + (per_image - counts + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles_per, 0)
     tile_start = tile_end - tiles_per
-    n_tiles = -(-N // block_m) + B
+    n_tiles = -(-N // block_m) + 2 * B
     t = torch.arange(n_tiles, device=dev)
     t_img = torch.searchsorted(tile_end, t, right=True)
     used = t_img < B
     t_img = t_img.clamp(max=max(B - 1, 0))
     zero = torch.zeros_like(t)
     if B:
-        first = seg_start[t_img] + (t - tile_start[t_img]) * block_m
-        end = torch.minimum(first + block_m, seg_start[t_img] + counts[t_img])
+        j = t - tile_start[t_img]  # tile index inside its image: planned tiles first, then the rest
+        in_plan = j < planned_tiles[t_img]
+        seg, c, n = seg_start[t_img], counts[t_img], per_image[t_img]
+        first = torch.where(in_plan, seg + j * block_m, seg + c + (j - planned_tiles[t_img]) * block_m)
+        end = torch.minimum(first + block_m, torch.where(in_plan, seg + c, seg + n))
     else:
         first = end = zero
     tiles = torch.stack([t_img, torch.where(used, first, zero), torch.where(used, end, zero)], 1)
@@ -281,8 +288,10 @@ def _geometry(t, membership):
 
 
 def _lse_like(q, fill):
-    """LSE of every q row: (H, T) packed, (B, H, Nq) dense; fp32."""
+    """LSE of every q row: (H, T) packed, (B, H, Nq) dense; fp32, filled with ``fill`` unless None."""
     shape = (q.shape[1], q.shape[0]) if q.dim() == 3 else q.shape[:3]
+    if fill is None:
+        return torch.empty(shape, dtype=torch.float32, device=q.device)
     return torch.full(shape, fill, dtype=torch.float32, device=q.device)
 
 
@@ -300,10 +309,10 @@ def _fwd_impl(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_coun
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     D, H = q.shape[-1], _heads(q)
     R = ref_offsets.shape[1] - 1
-    out = torch.zeros_like(q)  # tokens in no box stay exactly 0; the kernel writes the planned ones
-    lse = _lse_like(q, float("inf"))
-    if tiles.shape[0] == 0 or H == 0 or q.numel() == 0 or k.shape[2] == 0:
-        return out, lse
+    if q.numel() == 0 or k.shape[2] == 0:  # nothing to attend to: every row is 0, LSE +inf
+        return torch.zeros_like(q), _lse_like(q, float("inf"))
+    out = torch.empty_like(q)  # the plan's tiles cover every row: zero tiles write the rows in no box
+    lse = _lse_like(q, None)
     qs, ms = _geometry(q, membership)
     os_, _ = _geometry(out, membership)
     _region_attention_fwd[(tiles.shape[0], H)](
@@ -330,12 +339,12 @@ def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_t
     B, Nkv = k.shape[0], k.shape[2]
     R = ref_offsets.shape[1] - 1
     atomic = BWD_DKDV == "atomic"
-    dq = torch.zeros_like(q)
+    dq = torch.empty_like(q)  # every row written by the dq kernel (zero tiles: zeros)
     acc_dtype = torch.float32 if atomic else k.dtype
     dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
-    if not (tiles.shape[0] and H and q.numel() and Nkv):
-        return dq, dk.to(k.dtype), dv.to(v.dtype)
+    if not (q.numel() and Nkv):
+        return dq.zero_(), dk.to(k.dtype), dv.to(v.dtype)
     delta = torch.empty_like(lse)  # written by the dq kernel for every planned row, read by dk/dv
     block_n = _block_n(Nkv, R)
     qs, ms = _geometry(q, membership)

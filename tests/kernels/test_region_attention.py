@@ -471,21 +471,24 @@ def test_tile_plan_invariants(seed):
     mem = _plan_case(gen, B, N, R)
     tiles, rows, ref_tiles, ref_counts = ra._dense_plan(mem, R)
     bm = ra._BLOCK_M
-    assert tiles.shape[0] == -(-B * N // bm) + B and tiles.is_contiguous() and ref_tiles.is_contiguous()
-    seen = []
+    assert tiles.shape[0] == -(-B * N // bm) + 2 * B and tiles.is_contiguous() and ref_tiles.is_contiguous()
+    planned, zero_rows = [], []
     for t, (b, first, end) in enumerate(tiles.tolist()):
         assert 0 <= end - first <= bm
         toks = rows[first:end].long()
         patterns = mem[b, toks]
-        assert (patterns != 0).all(), "a planned token with no box"
+        if end > first and (patterns == 0).any():
+            assert (patterns == 0).all(), f"tile {t} mixes tokens in no box with planned ones"
+            zero_rows += [(b, i) for i in toks.tolist()]
+            continue
         assert torch.equal(patterns, patterns.sort().values), "tokens of a tile not sorted by pattern"
-        seen += [(b, i) for i in toks.tolist()]
+        planned += [(b, i) for i in toks.tolist()]
         for r in range(R):
             holds = bool(((patterns >> r) & 1).any())
             listed = t in ref_tiles[b * R + r, : ref_counts[b * R + r]].tolist()
             assert holds == listed, f"tile {t} reference {r}: holds {holds}, listed {listed}"
-    want = sorted((b, i) for b, i in (mem != 0).nonzero().tolist())
-    assert sorted(seen) == want, "every token in a box is planned exactly once"
+    assert sorted(planned) == sorted((b, i) for b, i in (mem != 0).nonzero().tolist()), "tokens in a box: planned once"
+    assert sorted(zero_rows) == sorted((b, i) for b, i in (mem == 0).nonzero().tolist()), "tokens in no box: one zero tile"
 
 
 @needs_triton
@@ -493,3 +496,24 @@ def test_kernel_many_tiles_several_images_overlapping_boxes():
     q, k, v, mem, offs = random_case(3, 2, 300, 16, [[9, 20, 3, 14], [5, 5, 5, 5], [30, 0, 2, 7]], p_in=0.7, device=KDEV)
     mem[1, 100:] = 0b1111  # every token of the tail of image 1 in all four boxes
     check_kernel_vs_reference(q, k, v, mem, offs, atol=3e-5, rtol=1e-4, label="many tiles")
+
+
+@needs_triton
+def test_every_output_row_is_written_by_the_kernels(monkeypatch):
+    """out, LSE and dq are allocated uninitialised: fill those buffers with NaN to prove that the
+    plan's tiles (planned and zero tiles) write every row."""
+    real_empty_like, real_empty = torch.empty_like, torch.empty
+
+    def nan_empty_like(t, *a, **kw):
+        x = real_empty_like(t, *a, **kw)
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    def nan_empty(*a, **kw):
+        x = real_empty(*a, **kw)
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    q, k, v, mem, offs = random_case(2, 2, 150, 16, [[5, 9, 3], [7, 0, 4]], p_in=0.5, device=KDEV)
+    mem[1, :70] = 0
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    check_kernel_vs_reference(q, k, v, mem, offs, atol=3e-5, rtol=1e-4, label="NaN-filled buffers")
