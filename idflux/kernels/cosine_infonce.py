@@ -40,15 +40,17 @@ def _cosine_infonce_fwd_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, s_ib_ptr,
     stride_gn, stride_gd, stride_pn, stride_pd, stride_bk, stride_bd,
     stride_in, stride_im, stride_ids, stride_nid,
-    N, M, D, C, TILES_PER_SPLIT, SPLITS, inv_tau, eps,
+    N, M, K, D, C, TILES_PER_SPLIT, SPLITS, inv_tau, eps,
     HAS_INDEX: tl.constexpr, IN_BATCH: tl.constexpr, HAS_IDS: tl.constexpr, HAS_NEG_IDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program (row, split): candidates [split * TILES_PER_SPLIT * BLOCK_M, ...) of row ``row``.
 
     Candidate j < M is a bank entry (negatives[j], or negatives[neg_index[row, j]]); M <= j < C is
-    the in-batch positive pos[j - M]. Writes the partial max, sum of exp and the exp-weighted sum
-    of normalised candidates; with IN_BATCH also the in-batch logits (-inf where excluded).
+    the in-batch positive pos[j - M]. An index outside [0, K) is an excluded candidate, never read
+    (cosine_infonce(check=False) does not range-check neg_index on the host). Writes the partial
+    max, sum of exp and the exp-weighted sum of normalised candidates; with IN_BATCH also the
+    in-batch logits (-inf where excluded).
     """
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -70,6 +72,9 @@ def _cosine_infonce_fwd_kernel(
         keep = j < C
         if HAS_INDEX:
             brow = tl.load(idx_ptr + row * stride_in + j.to(tl.int64) * stride_im, mask=in_bank, other=0).to(tl.int64)
+            in_range = (brow >= 0) & (brow < K)
+            keep = keep & ((j >= M) | in_range)
+            in_bank = in_bank & in_range
         else:
             brow = j.to(tl.int64)
         x = tl.load(bank_ptr + brow[:, None] * stride_bk + d[None, :] * stride_bd,
@@ -199,7 +204,7 @@ def _cosine_infonce_triton(g, pos, negatives, neg_index, ids, neg_ids, tau, in_b
         part_m, part_l, part_acc, s_ib,
         g.stride(0), g.stride(1), pos.stride(0), pos.stride(1), negatives.stride(0), negatives.stride(1),
         idx.stride(0), idx.stride(1) if idx.dim() > 1 else 0, ids_t.stride(0), nid_t.stride(0),
-        N, M, D, C, tiles_per_split, splits, inv_tau, EPS,
+        N, M, negatives.shape[0], D, C, tiles_per_split, splits, inv_tau, EPS,
         HAS_INDEX=neg_index is not None, IN_BATCH=in_batch, HAS_IDS=ids is not None,
         HAS_NEG_IDS=neg_ids is not None, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
@@ -255,7 +260,7 @@ def _check_tensor(name: str, x, *, dims: int) -> None:
         raise ValueError(f"cosine_infonce: {name} must have {dims} dims, got shape {tuple(x.shape)}")
 
 
-def _validate(g, pos, negatives, neg_index, tau, in_batch, ids, neg_ids, reduction) -> None:
+def _validate(g, pos, negatives, neg_index, tau, in_batch, ids, neg_ids, reduction, check) -> None:
     for name, x in (("g", g), ("pos", pos), ("negatives", negatives)):
         _check_tensor(name, x, dims=2)
         if x.dtype not in _FLOAT:
@@ -291,11 +296,14 @@ def _validate(g, pos, negatives, neg_index, tau, in_batch, ids, neg_ids, reducti
         raise ValueError(f"cosine_infonce: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(in_batch, bool):
         raise ValueError(f"cosine_infonce: in_batch must be True or False, got {in_batch!r}")
+    if not isinstance(check, bool):
+        raise ValueError(f"cosine_infonce: check must be True or False, got {check!r}")
     for name, x in (("pos", pos), ("negatives", negatives), ("neg_index", neg_index), ("ids", ids), ("neg_ids", neg_ids)):
         if x is not None and x.device != g.device:
             raise ValueError(f"cosine_infonce: {name} is on {x.device} but g is on {g.device}; move all inputs to one device")
-    if neg_index is not None and neg_index.numel():
-        # One host sync; an out-of-range index would otherwise read out of bounds in the kernel.
+    if check and neg_index is not None and neg_index.numel():
+        # The one host sync of a call. Without it (check=False) both backends exclude an
+        # out-of-range index instead of reading it, so the kernel stays memory-safe.
         lo, hi = torch.stack(torch.aminmax(neg_index)).tolist()
         if lo < 0 or hi >= K:
             raise ValueError(f"cosine_infonce: neg_index values must lie in [0, {K}) (rows of negatives), got [{lo}, {hi}]")
@@ -313,6 +321,7 @@ def cosine_infonce(
     neg_ids: torch.Tensor | None = None,
     reduction: str = "mean",
     backend: str = "auto",
+    check: bool = True,
 ) -> torch.Tensor:
     """Cosine InfoNCE of queries ``g`` against positives ``pos`` and a bank of negatives.
 
@@ -322,7 +331,7 @@ def cosine_infonce(
     g: (N, D) queries, N >= 1. pos: (N, D) positives. Any of float16/bfloat16/float32/float64.
     negatives: (M, D) bank shared by all rows, or with ``neg_index`` a (K, D) gallery.
     neg_index: (N, M) integer, values in [0, K): row n's negatives are negatives[neg_index[n]]
-        (gathered inside the kernel, never materialised as (N, M, D)). Default None.
+        (gathered inside the kernel, never materialised as (N, M, D)); see ``check``. Default None.
     tau: temperature, finite > 0. Default 0.1.
     in_batch: also use pos[m], m != n, as negatives of row n. Default False.
     ids: (N,) integer identity per row: with in_batch, pos[m] is excluded for row n when
@@ -330,6 +339,11 @@ def cosine_infonce(
         excluded for row n when neg_ids[j] == ids[n].
     reduction: "mean" (default) | "sum" | "none" (per-row (N,)).
     backend: "auto" (Triton on CUDA, reference otherwise) | "triton" | "torch".
+    check: True (default) checks that neg_index lies in [0, K), which reads it back to the host
+        (one sync per call). False skips that check, so the call never syncs (CUDA-graph
+        capturable; use it when the indices are in range by construction, e.g. drawn by
+        ``NegativeBank.sample``); every shape/dtype/device check still runs. An index outside
+        [0, K) is then an excluded candidate, like a neg_ids match, on both backends.
 
     Returns a float32 loss (float64 when an input is float64 and the torch backend runs); fp32
     accumulation whatever the input dtype. A row whose candidates are all excluded (or M = 0
@@ -341,7 +355,7 @@ def cosine_infonce(
         >>> cosine_infonce(g, pos, bank, tau=0.1, in_batch=True).shape
         torch.Size([])
     """
-    _validate(g, pos, negatives, neg_index, tau, in_batch, ids, neg_ids, reduction)
+    _validate(g, pos, negatives, neg_index, tau, in_batch, ids, neg_ids, reduction, check)
     impl = resolve_backend("cosine_infonce", backend, g.device)
     tau = float(tau)
     negatives = negatives.detach()

@@ -31,7 +31,8 @@ def cosine_infonce_ref(
 ) -> torch.Tensor:
     """loss_n = logsumexp([s_pos, s_negs]) - s_pos with s = cos / tau; see ``cosine_infonce``.
 
-    g, pos: (N, D); negatives: (M, D) shared, or (K, D) gathered by neg_index (N, M).
+    g, pos: (N, D); negatives: (M, D) shared, or (K, D) gathered by neg_index (N, M); an index
+    outside [0, K) is an excluded candidate (the Triton kernel's rule).
     Computes in fp32 (float64 stays float64); returns (N,) for "none", else a scalar.
     """
     acc = torch.float64 if torch.float64 in (g.dtype, pos.dtype, negatives.dtype) else torch.float32
@@ -45,11 +46,19 @@ def cosine_infonce_ref(
         s_bank = u @ bank.T / tau  # (N, M)
         bank_ids = None if neg_ids is None else neg_ids[None, :].expand(N, -1)
     else:
-        s_bank = torch.einsum("nd,nmd->nm", u, bank[neg_index]) / tau
-        bank_ids = None if neg_ids is None else neg_ids[neg_index]
-    keep_bank = torch.ones_like(s_bank, dtype=torch.bool)
+        # An index outside [0, K) is an excluded candidate (as in the kernel): reachable only with
+        # cosine_infonce(check=False), which does not read neg_index back to range-check it.
+        K = bank.shape[0]
+        in_range = (neg_index >= 0) & (neg_index < K)
+        safe = torch.where(in_range, neg_index, 0).long()  # (a uint8 index would act as a mask)
+        if K == 0:  # every index is out of range; gather from a placeholder row instead
+            bank = bank.new_zeros(1, bank.shape[1])
+            neg_ids = None if neg_ids is None else neg_ids.new_zeros(1)
+        s_bank = torch.einsum("nd,nmd->nm", u, bank[safe]) / tau
+        bank_ids = None if neg_ids is None else neg_ids[safe]
+    keep_bank = torch.ones_like(s_bank, dtype=torch.bool) if neg_index is None else in_range
     if ids is not None and bank_ids is not None:
-        keep_bank = bank_ids != ids[:, None]
+        keep_bank = keep_bank & (bank_ids != ids[:, None])
     logits = [s_pos[:, None], s_bank.masked_fill(~keep_bank, float("-inf"))]
 
     if in_batch:

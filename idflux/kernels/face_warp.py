@@ -1,7 +1,7 @@
 """Differentiable ArcFace face alignment: fit the 5-point transform, warp to (F, C, size, size) crops.
 
-Public: :func:`face_warp`, :func:`face_warp_matrices`. Conventions are those of insightface
-``norm_crop`` (see :mod:`idflux.kernels.face_warp_ref`): the transform is estimated landmarks ->
+Public: :func:`face_warp`, :func:`face_warp_matrices`, :func:`face_warp_valid`. Conventions are those
+of insightface ``norm_crop`` (see :mod:`idflux.kernels.face_warp_ref`): the transform is estimated landmarks ->
 template, as ``tform.estimate(lmk, dst)`` does, then inverted; crop pixel (u, v) samples image point
 M @ [u, v, 1] with pixel centres at integer coordinates (cv2.warpAffine); taps outside the image
 read black (value_range[0]); output is 2 * (x - lo) / (hi - lo) - 1 in the images' dtype, with fp32
@@ -11,7 +11,9 @@ Triton path (kernel -> launcher -> ``FaceWarpFunction`` -> ``face_warp``): one f
 (closed-form similarity / 6-DOF least squares in fp32, (F, 2, 3) matrices + a degenerate flag), one
 warp launch over (face, tile of crop pixels) for all channels, and a backward that scatters into an
 fp32 image gradient with atomics, then casts. No host sync or Python loop over faces in the kernels;
-the validation in ``face_warp`` reads one flag pair back (index range, NaN/degenerate landmarks).
+the validation in ``face_warp`` reads one flag pair back (index range, NaN/degenerate landmarks), unless
+``check=False``: then invalid faces (see :func:`face_warp_valid`) get black crops and no gradient
+through a device-side ``torch.where`` on their matrices, and the call never syncs.
 """
 
 from __future__ import annotations
@@ -48,6 +50,32 @@ def _check_landmarks_shape(landmarks) -> None:
         raise ValueError(f"face_warp: landmarks must be a (F, 5, 2) tensor of (x, y) pixels in ArcFace order, got {shape}")
     if landmarks.dtype == torch.bool or landmarks.is_complex():
         raise ValueError(f"face_warp: landmarks must be real pixel coordinates, got dtype {landmarks.dtype}")
+
+
+def _check_image_index(image_index, F: int) -> None:
+    if not isinstance(image_index, torch.Tensor) or image_index.dim() != 1 or image_index.shape[0] != F:
+        shape = tuple(image_index.shape) if isinstance(image_index, torch.Tensor) else type(image_index).__name__
+        raise ValueError(f"face_warp: image_index must be a ({F},) tensor (one image per face), got {shape}")
+    if image_index.dtype.is_floating_point or image_index.is_complex() or image_index.dtype == torch.bool:
+        raise ValueError(f"face_warp: image_index must be an integer tensor, got {image_index.dtype}; use .long()")
+
+
+def _check_flag(check) -> None:
+    if not isinstance(check, bool):
+        raise ValueError(f"face_warp: check must be True or False, got {check!r}")
+
+
+def _validity(landmarks: torch.Tensor, image_index: torch.Tensor, n_images: int, matrices: torch.Tensor,
+              degenerate: torch.Tensor) -> torch.Tensor:
+    """(F,) bool on the device, no sync: finite landmarks, not flagged degenerate by the fit, a finite
+    matrix, image_index in [0, n_images)."""
+    return (~degenerate & torch.isfinite(landmarks).flatten(1).all(1) & torch.isfinite(matrices).flatten(1).all(1)
+            & (image_index >= 0) & (image_index < n_images))
+
+
+# Matrix of an invalid face under check=False: every crop pixel maps to x, y <= -8, which both backends
+# clamp to -3, so every tap lies outside the image: exactly black (-1), no image read, no gradient.
+_OUTSIDE = -8.0
 
 
 def _landmark_error(landmarks: torch.Tensor, degenerate: torch.Tensor) -> ValueError:
@@ -290,6 +318,50 @@ def face_warp_matrices(landmarks: torch.Tensor, *, size: int = 112, transform: s
     return matrices
 
 
+def face_warp_valid(
+    landmarks: torch.Tensor,
+    image_index: torch.Tensor,
+    n_images: int,
+    *,
+    size: int = 112,
+    transform: str = "similarity",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Which faces ``face_warp(..., check=False)`` crops for real: (F,) bool on the landmarks' device.
+
+    A face is valid when its landmarks are finite, the fit does not flag them degenerate (all points
+    equal, collinear or no usable fit; see :mod:`idflux.kernels.face_warp_ref`), its matrix is finite
+    and 0 <= image_index < n_images. Invalid faces are those ``face_warp(check=False)`` returns as
+    all -1 crops with no gradient (``check=True`` raises for them). Same rule and same fit as
+    ``face_warp`` with the same ``size``, ``transform`` and ``backend`` (the Triton fit runs in
+    fp32, the reference fit in float64: pass face_warp's backend). No host sync.
+
+    landmarks: (F, 5, 2) (x, y) pixels, ArcFace order. image_index: (F,) integer, same device.
+    n_images: B, the number of images the faces index. size, transform, backend: as in face_warp.
+
+    Example:
+        >>> from idflux.kernels.face_warp_ref import arcface_template
+        >>> lmk = torch.stack([arcface_template(112, dtype=torch.float32), torch.full((5, 2), 3.0)])
+        >>> face_warp_valid(lmk, torch.tensor([0, 0]), 1).tolist()
+        [True, False]
+    """
+    _check_landmarks_shape(landmarks)
+    F = landmarks.shape[0]
+    _check_image_index(image_index, F)
+    if image_index.device != landmarks.device:
+        raise ValueError(f"face_warp: image_index is on {image_index.device} but landmarks on {landmarks.device}; "
+                         "move them to one device")
+    if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 0:
+        raise ValueError(f"face_warp: n_images={n_images!r} must be an int >= 0 (the B of the (B, C, H, W) images)")
+    size = _check_size(size)
+    _check_transform(transform)
+    impl = resolve_backend("face_warp", backend, landmarks.device)
+    if F == 0:
+        return torch.zeros(0, dtype=torch.bool, device=landmarks.device)
+    matrices, degenerate = (_fit_triton if impl == "triton" else fit_matrices_ref)(landmarks, size, transform)
+    return _validity(landmarks, image_index, n_images, matrices, degenerate)
+
+
 def face_warp(
     images: torch.Tensor,
     landmarks: torch.Tensor,
@@ -300,6 +372,7 @@ def face_warp(
     interpolation: str = "bilinear",
     value_range: tuple[float, float] = (-1.0, 1.0),
     backend: str = "auto",
+    check: bool = True,
 ) -> torch.Tensor:
     """Aligned ArcFace crops (F, C, size, size) of the faces in ``images``.
 
@@ -309,12 +382,18 @@ def face_warp(
     size: crop side (default 112; the template is scaled by size / 112). transform: "similarity"
     (default, as insightface ``norm_crop``) or "affine". interpolation: "bilinear" (default) or
     "bicubic" (a = -0.75). backend: "auto" | "triton" | "torch".
+    check: True (default) raises ValueError for an image_index outside [0, B) and for NaN/inf or
+    degenerate landmarks, which reads them back to the host (one sync per call). False never syncs
+    (CUDA-graph capturable) and defines the result instead: a face that :func:`face_warp_valid` calls
+    invalid (non-finite or degenerate landmarks, or image_index outside [0, B)) gets a crop of exactly
+    -1 (black, "outside the image") and passes zero gradient to the images, never NaN, on both
+    backends; the other faces' crops are those of check=True. Shape/dtype/device checks always run.
 
     Returns crops in ``images.dtype`` (fp32 arithmetic inside; the Triton path, the default for CUDA
     tensors, also fits in fp32, float64 input included) normalised as ArcFace expects, 2 * (x - lo) / (hi - lo) - 1
     (= (x255 - 127.5) / 127.5); outside the image is black, i.e. -1. Differentiable in ``images``
-    (not in ``landmarks``). Validation reads ``image_index`` and the landmark fit back to the host
-    (one sync per call); the kernels themselves never sync.
+    (not in ``landmarks``). With check=True, validation reads ``image_index`` and the landmark fit
+    back to the host (one sync per call); the kernels themselves never sync.
 
     Example:
         >>> from idflux.kernels.face_warp_ref import arcface_template
@@ -333,11 +412,7 @@ def face_warp(
         raise ValueError(f"face_warp: images must have H, W >= 1, got {tuple(images.shape)}")
     _check_landmarks_shape(landmarks)
     F = landmarks.shape[0]
-    if not isinstance(image_index, torch.Tensor) or image_index.dim() != 1 or image_index.shape[0] != F:
-        shape = tuple(image_index.shape) if isinstance(image_index, torch.Tensor) else type(image_index).__name__
-        raise ValueError(f"face_warp: image_index must be a ({F},) tensor (one image per face), got {shape}")
-    if image_index.dtype.is_floating_point or image_index.is_complex() or image_index.dtype == torch.bool:
-        raise ValueError(f"face_warp: image_index must be an integer tensor, got {image_index.dtype}; use .long()")
+    _check_image_index(image_index, F)
     for name, t in (("landmarks", landmarks), ("image_index", image_index)):
         if t.device != images.device:
             raise ValueError(f"face_warp: {name} is on {t.device} but images on {images.device}; move them to one device")
@@ -351,22 +426,34 @@ def face_warp(
         raise ValueError(f"face_warp: value_range={value_range!r} must be two numbers (lo, hi)") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
         raise ValueError(f"face_warp: value_range={value_range!r} needs finite lo < hi, e.g. (-1.0, 1.0) or (0.0, 255.0)")
+    _check_flag(check)
     impl = resolve_backend("face_warp", backend, images.device)
     if F == 0:
         return images.new_empty(0, C, size, size)
     fit = _fit_triton if impl == "triton" else fit_matrices_ref
     matrices, degenerate = fit(landmarks, size, transform)
-    index_bad = (image_index.min() < 0) | (image_index.max() >= B)
-    landmarks_bad = degenerate.any() | ~torch.isfinite(landmarks).all()
-    index_bad, landmarks_bad = torch.stack([index_bad, landmarks_bad]).tolist()  # the one host sync
-    if index_bad:
-        raise ValueError(
-            f"face_warp: image_index must lie in [0, {B}) for {B} images, got values in "
-            f"[{int(image_index.min())}, {int(image_index.max())}]"
-        )
-    if landmarks_bad:
-        raise _landmark_error(landmarks, degenerate)
+    if check:
+        index_bad = (image_index.min() < 0) | (image_index.max() >= B)
+        landmarks_bad = degenerate.any() | ~torch.isfinite(landmarks).all()
+        index_bad, landmarks_bad = torch.stack([index_bad, landmarks_bad]).tolist()  # the one host sync
+        if index_bad:
+            raise ValueError(
+                f"face_warp: image_index must lie in [0, {B}) for {B} images, got values in "
+                f"[{int(image_index.min())}, {int(image_index.max())}]"
+            )
+        if landmarks_bad:
+            raise _landmark_error(landmarks, degenerate)
+    else:
+        valid = _validity(landmarks, image_index, B, matrices, degenerate)
+        matrices = torch.where(valid[:, None, None], matrices, _OUTSIDE)
+        image_index = torch.where(valid, image_index, 0)  # in range for B >= 1; never read otherwise
     if impl == "torch":
-        return face_warp_ref(images, matrices, image_index, size, interpolation, (lo, hi))
+        if check:
+            return face_warp_ref(images, matrices, image_index, size, interpolation, (lo, hi))
+        if B == 0:  # no image to gather from: every face is invalid (the sum keeps the autograd link)
+            return images.new_full((F, C, size, size), -1.0) + images.sum() * 0
+        crops = face_warp_ref(images, matrices, image_index, size, interpolation, (lo, hi))
+        # Exactly -1 even if image 0 holds inf/NaN where the outside taps are clamped to (0 * inf).
+        return torch.where(valid[:, None, None, None], crops, -1.0)
     return FaceWarpFunction.apply(images, matrices, image_index.contiguous(), size, interpolation == "bicubic", lo, hi)
 

@@ -37,8 +37,19 @@ MIN_CORRELATION = 1e-6
 
 
 def arcface_template(size: int, device=None, dtype=torch.float64) -> torch.Tensor:
-    """(5, 2) ArcFace template scaled to a ``size`` x ``size`` crop (pixels, x then y)."""
-    return torch.tensor(ARCFACE_TEMPLATE, dtype=torch.float64, device=device).mul(size / 112.0).to(dtype)
+    """(5, 2) ArcFace template scaled to a ``size`` x ``size`` crop (pixels, x then y).
+
+    Cached per (size, device, dtype): building it on a GPU is a host-to-device copy, which waits
+    for the device; the cached tensor is shared, treat it as read-only."""
+    key = (int(size), str(torch.device(device) if device is not None else torch.device("cpu")), dtype)
+    cached = _TEMPLATES.get(key)
+    if cached is None:
+        cached = torch.tensor(ARCFACE_TEMPLATE, dtype=torch.float64, device=device).mul(size / 112.0).to(dtype)
+        _TEMPLATES[key] = cached
+    return cached
+
+
+_TEMPLATES: dict = {}
 
 
 def fit_matrices_ref(landmarks: torch.Tensor, size: int = 112, transform: str = "similarity") -> tuple[torch.Tensor, torch.Tensor]:

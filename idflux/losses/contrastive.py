@@ -74,16 +74,29 @@ class ContrastiveLoss(nn.Module):
         return max(0, self.num_negatives - in_batch)
 
     def forward(self, g: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """weight * mean over faces of the InfoNCE loss of g[n] against pos[n] and the negatives.
+
+        valid: optional (N,) bool; faces marked False (e.g. unusable landmarks, see
+        :func:`~idflux.kernels.face_warp.face_warp_valid`) are left out of the mean (their positives
+        still serve as in-batch negatives of the others). The mean is over the valid faces, 0 if none.
+        """
         ids = ids.to(g.device)
         if self.bank is None:
             negatives, neg_index, neg_ids = g.new_zeros(0, g.shape[-1]).detach(), None, None
         else:
             m = self.gallery_draws(g.shape[0]) if len(self.bank) else 0
-            neg_index = self.bank.sample(ids, m, generator=generator)
+            neg_index = self.bank.sample(ids, m, generator=generator, check=False)
             negatives, neg_ids = self.bank.embeddings, self.bank.ids
+        # No host sync in a step: the sampler's indices are in [0, len(bank)) by construction (so
+        # cosine_infonce's range check buys nothing), and a face whose identity owns the whole bank
+        # draws its own rows, which neg_ids excludes (sample(check=False)).
         loss = cosine_infonce(g, pos, negatives, neg_index=neg_index, tau=self.tau, in_batch=self.in_batch,
-                              ids=ids, neg_ids=neg_ids, reduction="mean", backend=self.backend)
+                              ids=ids, neg_ids=neg_ids, reduction="none" if valid is not None else "mean",
+                              backend=self.backend, check=False)
+        if valid is not None:
+            valid = valid.to(loss.device)
+            loss = torch.where(valid, loss, 0.0).sum() / valid.sum().clamp_min(1)
         if self.training and self.bank is not None and self.bank.queue_capacity:
             self.bank.push(pos.detach(), ids)
         return self.weight * loss

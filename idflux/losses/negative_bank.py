@@ -283,7 +283,7 @@ class NegativeBank(nn.Module):
 
     # ----------------------------------------------------------------------------- sampling
 
-    def sample(self, ids: torch.Tensor, m: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, ids: torch.Tensor, m: int, *, generator: torch.Generator | None = None, check: bool = True) -> torch.Tensor:
         """Draw ``m`` negatives per face, never of the face's own identity: neg_index (N, m) int64.
 
         ids: (N,) integer identity of each face (any device; an id absent from the bank makes every
@@ -296,6 +296,9 @@ class NegativeBank(nn.Module):
         exact and needs no Python loop over faces and no rejection. Note: uniform over rows, not
         identities (the released loader picks an identity first, then one of its embeddings).
         Raises ValueError when a face's identity owns every filled row (one host sync per call).
+        With ``check=False`` there is no sync: such a face's draws are rows of its own identity,
+        which :func:`~idflux.kernels.cosine_infonce` excludes when given ``neg_ids`` (``ContrastiveLoss``
+        does), so its only negatives are the in-batch ones.
         """
         if ids.ndim != 1 or ids.dtype not in _INT:
             raise ValueError(f"NegativeBank.sample: ids must be a 1-D integer tensor (one identity per face), got {ids.dtype} {tuple(ids.shape)}")
@@ -315,7 +318,7 @@ class NegativeBank(nn.Module):
             own_q = start_q = torch.zeros_like(own)
         free_g, free_q = G - own_g, Q - own_q
         free = free_g + free_q
-        if own.numel() and m and bool((free == 0).any()):
+        if check and own.numel() and m and bool((free == 0).any()):
             bad = own[free == 0][0].item()
             raise ValueError(f"NegativeBank.sample: identity {bad}{self._name_suffix(bad)} owns every one of the bank's {G + Q} "
                              "rows, so it has no negative to draw; add other identities to the bank")
@@ -325,7 +328,13 @@ class NegativeBank(nn.Module):
         rq = r - free_g[:, None]
         at_g = r + torch.where(r >= start_g[:, None], own_g[:, None], 0)
         at_q = G + rq + torch.where(rq >= start_q[:, None], own_q[:, None], 0)
-        return self._perm[torch.where(rq < 0, at_g, at_q)]
+        pick = torch.where(rq < 0, at_g, at_q)
+        if not check:  # a face with no negative (never raised above): point at one of its own rows
+            if G + Q == 0:  # an empty bank: index 0 is out of range, which cosine_infonce excludes
+                return torch.zeros((own.numel(), m), dtype=torch.int64, device=self.device)
+            own_row = torch.where(own_g > 0, start_g, G + start_q)
+            pick = torch.where((free == 0)[:, None], own_row[:, None], pick)
+        return self._perm[pick]
 
     def _name_suffix(self, i: int) -> str:
         return f" ({self.names[i]!r})" if i in self.names else ""

@@ -14,6 +14,7 @@ from idflux.engine.flux import flux_forward, image_ids, pack_latents, unpack_lat
 from idflux.engine.iresnet import IResNet, iresnet_tiny
 from idflux.engine.loading import FluxParts, load_flux, tiny_flux_parts
 from idflux.engine.regions import boxes_to_membership
+from idflux.kernels.face_warp import face_warp_valid
 from idflux.engine.sampling import sampling_mu
 from idflux.losses import ContrastiveLoss, FlowMatchingLoss, IdentityLoss, NegativeBank, noisy_latents, one_step_x0, sample_timesteps
 from idflux.train.config import TrainConfig
@@ -192,7 +193,11 @@ class TrainModel(nn.Module):
             pred = self.vae.decode(x0_hat / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)).sample
             per_face, g = self.id_loss(pred.float().clamp(-1, 1), batch.images.float(), batch.landmarks, batch.image_index, t,
                                        reduction="none")
-            l_id = per_face.sum() * world / n_faces
+            # Faces whose landmarks cannot be aligned get loss 0 (no host sync); the means count the others.
+            valid = face_warp_valid(batch.landmarks, batch.image_index, B, transform=self.id_loss.transform,
+                                    backend=self.id_loss.backend)
+            n_valid = D.all_sum(valid.sum().float()).clamp_min(1)
+            l_id = per_face.sum() * world / n_valid
             pos = batch.gt_embeddings
             if pos is None or (g.numel() and pos.shape[-1] != g.shape[-1]):
                 with torch.no_grad():  # positives in the recogniser's own space (stored ones have another size)
@@ -203,7 +208,7 @@ class TrainModel(nn.Module):
             pos_all = D.gather_rows(pos.to(device).float())
             ids_all = D.gather_rows(batch.ids.to(device))
             gen = torch.Generator().manual_seed(step_seed)
-            l_cl = self.cl_loss(g_all, pos_all, ids_all, generator=gen)
+            l_cl = self.cl_loss(g_all, pos_all, ids_all, generator=gen, valid=D.gather_rows(valid.to(torch.uint8)).bool())
             out["loss"] = out["loss"] + l_id + l_cl
-            out.update(id=D.all_sum(per_face.detach().sum()) / n_faces, cl=l_cl.detach())
+            out.update(id=D.all_sum(per_face.detach().sum()) / n_valid, cl=l_cl.detach())
         return out

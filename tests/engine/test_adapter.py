@@ -137,3 +137,29 @@ def test_save_load_our_adapter(tmp_path):
     fake_released_file(src, tmp_path / "released.safetensors")
     with pytest.raises(ValueError, match="not an idflux adapter"):
         load_adapter(tmp_path / "released.safetensors")
+
+
+def test_denoising_steps_never_sync_with_the_host():
+    """Per generation, RegionLayout and the first region_attention call of each layout read values
+    back once; every adapter application after that (all blocks, both branches, every step,
+    forward and backward) runs without a host sync, so the step can be captured in a CUDA graph."""
+    if not (INTERPRET or torch.cuda.is_available()):
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    from sync_probe import assert_no_host_sync
+
+    cfg = tiny_adapter()
+    adapter = randomize(IdentityAdapter(cfg)).float()
+    img, arc, sig, membership = make_inputs(cfg, dtype=torch.float32)
+    layout = RegionLayout.from_membership(membership, n_refs=2)
+    ctx = adapter.prepare(arc, sig, layout, backend="triton")
+    x = img.clone().requires_grad_()
+    adapter.apply(0, x, ctx)  # first sight of the layout
+
+    def steps():
+        out = x
+        for _ in range(2):
+            for i in range(cfg.n_blocks):
+                out = adapter.apply(i, out, ctx)
+        torch.autograd.grad(out.sum(), [x, *adapter.parameters()], allow_unused=True)
+
+    assert_no_host_sync(steps)

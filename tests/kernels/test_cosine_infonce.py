@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from idflux.kernels import _backend
 from idflux.kernels.cosine_infonce import cosine_infonce
 from idflux.kernels.cosine_infonce_ref import cosine_infonce_ref
+from sync_probe import assert_no_host_sync, host_syncs
 
 REDUCTIONS = ("mean", "sum", "none")
 VARIANTS = ("shared", "index", "index_inbatch_ids", "shared_inbatch_ids", "inbatch_ids_only")
@@ -238,6 +239,8 @@ def _bad_inputs():
         (dict(in_batch=1), "in_batch"),
         (dict(backend="cuda"), "backend"),
         (dict(pos=pos.to("meta")), "pos"),
+        (dict(check=1), "check"),
+        (dict(check=None), "check"),
     ]
 
 
@@ -249,6 +252,24 @@ def test_bad_input_raises_value_error_naming_the_argument(i):
     args.update({k: bad.pop(k) for k in list(bad) if k in args})
     with pytest.raises(ValueError, match=rf"cosine_infonce: {name}\b"):
         cosine_infonce(args["g"], args["pos"], args["negatives"], **bad)
+
+
+@pytest.mark.parametrize("i", range(len(_bad_inputs())))
+def test_check_false_keeps_every_check_but_the_index_range(i):
+    """check=False skips only the neg_index range check (the one that reads data back)."""
+    g, pos, bank, _ = make_case(3, 8, 10, "shared")
+    bad, name = _bad_inputs()[i]
+    args = dict(g=g, pos=pos, negatives=bank)
+    args.update({k: bad.pop(k) for k in list(bad) if k in args})
+    idx = bad.get("neg_index")
+    values_only = isinstance(idx, torch.Tensor) and idx.dtype == torch.long and idx.shape == (3, 4)  # idx + 10, idx - 1
+    if not values_only:
+        bad.setdefault("check", False)
+        with pytest.raises(ValueError, match=rf"cosine_infonce: {name}\b"):
+            cosine_infonce(args["g"], args["pos"], args["negatives"], **bad)
+    else:  # out-of-range values: excluded candidates, every negative here, so loss 0
+        loss = cosine_infonce(args["g"], args["pos"], args["negatives"], check=False, **bad)
+        assert loss.item() == 0.0, f"loss with every neg_index out of range: {loss.item()}"
 
 
 # ------------------------------------------------------------------- Triton kernel vs reference
@@ -345,3 +366,119 @@ def test_triton_cuda_all_excluded_and_zero_rows():
     assert torch.isfinite(loss).all() and torch.isfinite(dg).all(), "no NaN"
     want = cosine_infonce(g.detach(), pos, bank, reduction="none", backend="torch", **kw)
     torch.testing.assert_close(loss.detach(), want, rtol=1e-4, atol=1e-4, msg="loss")
+
+
+# ------------------------------------------------- check=False: no host sync, out-of-range indices
+
+def _out_of_range_case(N=5, D=12, K=9, M=11, seed=7):
+    """Indexed bank with in-batch negatives and id exclusion; some neg_index entries out of [0, K)
+    (negative, K, huge), and the same problem with those entries pointing instead at an extra bank
+    row K + n whose neg_id is row n's id (excluded by the id rule): the expected result."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(N, D, generator=gen)
+    pos = g + torch.randn(N, D, generator=gen)
+    bank = torch.randn(K + N, D, generator=gen)
+    ids = torch.tensor([0, 1, 1, 2, 3])[:N]
+    neg_ids = torch.randint(0, 6, (K + N,), generator=gen)
+    neg_ids[K:] = ids
+    neg_index = torch.randint(0, K, (N, M), generator=gen)
+    bad = torch.zeros(N, M, dtype=torch.bool)
+    bad[0, 1], bad[2, :4], bad[3, M - 1], bad[4, :] = True, True, True, True  # row 4: nothing left in the bank
+    wild = torch.tensor([-1, K, 2**40, -(2**40)]).repeat(N * M)[: N * M].view(N, M)
+    kw = dict(in_batch=True, ids=ids, tau=0.2)
+    broken = dict(kw, neg_index=torch.where(bad, wild, neg_index), neg_ids=neg_ids[:K])
+    expected = dict(kw, neg_index=torch.where(bad, K + torch.arange(N)[:, None], neg_index), neg_ids=neg_ids)
+    return g, pos, bank, broken, expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_false_excludes_out_of_range_indices(backend):
+    g, pos, bank, broken, expected = _out_of_range_case()
+    w = torch.randn(g.shape[0])
+    got = losses_and_grads(cosine_infonce, g, pos, bank[:9], {**broken, "backend": backend, "check": False}, "none", w)
+    want = losses_and_grads(cosine_infonce_ref, g, pos, bank, expected, "none", w)
+    for name, a, b in zip(("loss", "dg", "dpos"), got, want):
+        assert torch.isfinite(a).all(), f"{name} not finite"
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{name} with out-of-range neg_index ({backend})")
+    with pytest.raises(ValueError, match="neg_index"):  # check=True (the default) still refuses them
+        cosine_infonce(g, pos, bank[:9], backend=backend, **broken)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_false_empty_gallery_excludes_every_index(backend):
+    g, pos, _, _, _ = _out_of_range_case()
+    loss = cosine_infonce(g, pos, g.new_zeros(0, g.shape[1]), neg_index=torch.zeros(5, 3, dtype=torch.long),
+                          reduction="none", backend=backend, check=False)
+    assert torch.all(loss == 0), f"loss with K = 0: {loss}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["index_inbatch_ids", "shared_inbatch_ids"])
+def test_check_false_never_syncs(backend, variant):
+    g, pos, bank, kw = make_case(4, 8, 12, variant)
+    g.requires_grad_()
+    pos.requires_grad_()
+
+    def step():
+        loss = cosine_infonce(g, pos, bank, backend=backend, check=False, **kw)
+        loss.backward()
+
+    assert_no_host_sync(step)
+    assert g.grad is not None and pos.grad is not None and torch.isfinite(g.grad).all(), "the probed step ran backward"
+    found = host_syncs(lambda: cosine_infonce(g, pos, bank, backend=backend, **kw))
+    if "neg_index" in kw:  # the probe's positive control: check=True reads neg_index back once
+        assert [op for op, _ in found] == ["Tensor.tolist"] and "cosine_infonce.py" in found[0][1], f"check=True syncs: {found}"
+    else:
+        assert not found, f"no value to check without neg_index, yet: {found}"
+
+
+@needs_cuda
+def test_triton_cuda_check_false_out_of_range_and_never_syncs():
+    """On the GPU, CUDA's own sync detector (set_sync_debug_mode) must stay silent too."""
+    g, pos, bank, broken, expected = _out_of_range_case()
+    cuda = lambda kw: {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}  # noqa: E731
+    g, pos, bank, broken, expected = g.cuda().requires_grad_(), pos.cuda(), bank.cuda(), cuda(broken), cuda(expected)
+    small = bank[:9]
+
+    def step():
+        loss = cosine_infonce(g, pos, small, backend="triton", check=False, reduction="none", **broken)
+        return loss, torch.autograd.grad(loss.sum(), g)[0]
+
+    step()  # compile the kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, dg = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(step)
+    want = cosine_infonce_ref(g, pos, bank, reduction="none", **expected)
+    (want_dg,) = torch.autograd.grad(want.sum(), g)
+    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-4, msg="loss with out-of-range neg_index (CUDA)")
+    torch.testing.assert_close(dg, want_dg, rtol=1e-4, atol=1e-4, msg="dg with out-of-range neg_index (CUDA)")
+
+
+# ------------------------------------------------------------------- the sync probe itself
+
+def test_sync_probe_sees_host_reads_and_ignores_the_triton_interpreter():
+    x = torch.randn(6)
+    cases = {
+        "item": (lambda: x.sum().item(), "aten._local_scalar_dense.default"),
+        "bool": (lambda: bool(x.sum() > 0), "aten._local_scalar_dense.default"),
+        "tolist": (lambda: x.tolist(), "Tensor.tolist"),
+        "numpy": (lambda: x.numpy(), "Tensor.numpy"),
+        "boolean mask": (lambda: x[x > 0], "aten.index.Tensor"),
+        "nonzero": (lambda: torch.where(x > 0), "aten.nonzero.default"),
+        "unique": (lambda: torch.unique(x), "unique"),
+        "repeat_interleave": (lambda: torch.repeat_interleave(torch.tensor([1, 2])), "aten.repeat_interleave.Tensor"),
+        "equal": (lambda: torch.equal(x, x), "aten.equal.default"),
+    }
+    for name, (fn, op) in cases.items():
+        found = [f for f, _ in host_syncs(fn)]
+        assert found and op in found[0], f"{name}: probe found {found}, expected {op}"
+    assert not host_syncs(lambda: torch.where(x > 0, x, 0.0).sum() * 2), "device-only ops reported as syncs"
+    assert not host_syncs(lambda: torch.repeat_interleave(x, torch.tensor([1] * 6), output_size=6)), "sized repeat_interleave"
+    # What Triton's interpreter does inside a launch (stand-in: code compiled under its file name) is ignored.
+    inside = compile("x.sum().item(); x.tolist()", "/site-packages/triton/runtime/interpreter.py", "exec")
+    assert not host_syncs(exec, inside, {"x": x}), "host reads inside the interpreter must be ignored"
+    assert "tolist" not in torch.Tensor.__dict__ and torch.Tensor.__dict__["__array__"], "probe restores Tensor methods"

@@ -15,8 +15,9 @@ import torch
 
 from idflux.bench_perf.bench_face_warp import grid_sample_warp, kornia_warp
 from idflux.kernels._backend import HAS_TRITON, INTERPRET
-from idflux.kernels.face_warp import face_warp, face_warp_matrices
+from idflux.kernels.face_warp import face_warp, face_warp_matrices, face_warp_valid
 from idflux.kernels.face_warp_ref import arcface_template, face_warp_ref, fit_matrices_ref
+from sync_probe import assert_no_host_sync, host_syncs
 
 FIXTURE = json.loads((Path(__file__).resolve().parents[1] / "data" / "face_landmarks.json").read_text())
 INTERPS = ("bilinear", "bicubic")
@@ -267,7 +268,13 @@ def _bad_cases():
         ("value_range", dict(ok, value_range=(1.0, -1.0))),
         ("value_range", dict(ok, value_range=(0.0, float("inf")))),
         ("backend", dict(ok, backend="cuda")),
+        ("check", dict(ok, check=0)),
+        ("check", dict(ok, check="no")),
     ]
+
+
+# Bad values (not shapes, dtypes or options) that only check=True reads back and refuses.
+_VALUE_ONLY = {7, 8, 9, 10, 11, 12}
 
 
 @pytest.mark.parametrize("argname,kwargs", _bad_cases(), ids=lambda v: v if isinstance(v, str) else "")
@@ -276,6 +283,21 @@ def test_bad_input_raises_value_error_naming_the_argument(argname, kwargs):
     args = [kwargs.pop(k) for k in ("images", "landmarks", "image_index")]
     with pytest.raises(ValueError, match=argname):
         face_warp(*args, **kwargs)
+
+
+@pytest.mark.parametrize("i", range(len(_bad_cases())))
+def test_check_false_keeps_shape_dtype_and_option_checks(i):
+    argname, kwargs = _bad_cases()[i]
+    assert (argname in ("image_index", "landmarks")) or i not in _VALUE_ONLY, "test set-up: _VALUE_ONLY indices"
+    kwargs = dict(kwargs)
+    args = [kwargs.pop(k) for k in ("images", "landmarks", "image_index")]
+    kwargs.setdefault("check", False)
+    if i in _VALUE_ONLY:  # a defined result instead: that face is black
+        crops = face_warp(*args, size=8, **kwargs)
+        assert torch.isfinite(crops).all() and (crops == -1).flatten(1).all(1).any(), f"case {i}: no black crop"
+    else:
+        with pytest.raises(ValueError, match=argname):
+            face_warp(*args, **kwargs)
 
 
 def test_degenerate_and_nearly_degenerate_landmarks():
@@ -399,3 +421,131 @@ def test_triton_cuda_large_image_channels_last():
     out_t, out_r, g_t, g_r = _triton_vs_reference(images, lmk.cuda(), index.cuda(), 112, "similarity", "bicubic")
     torch.testing.assert_close(out_t, out_r, atol=1e-3, rtol=0, msg="crops 1024^2")
     torch.testing.assert_close(g_t, g_r, atol=2e-3, rtol=1e-3, msg="images.grad 1024^2")
+
+
+# ---------------------------------------------------------------- check=False: invalid faces, no sync
+
+BACKENDS = ["torch", pytest.param("triton", marks=needs_interpreter)]
+# The interpreter's numpy warns about the NaN/inf landmarks of the invalid faces (the fit flags them).
+nan_ok = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+def _invalid_problem():
+    """Two 3 x 20 x 24 images, 8 faces: 0, 3, 7 valid; 1 NaN, 2 inf, 4 all-equal, 5 collinear landmarks,
+    6 image_index out of range (B); 5 and 6 are the only faces of image 1 besides valid face 7."""
+    images, lmk, _ = random_problem(2, 3, 20, 24, 8, seed=31, spread=0.1)
+    good = arcface_template(112, dtype=torch.float32) * 0.15 + 2
+    lmk[1, 2, 0] = float("nan")
+    lmk[2, 4, 1] = float("inf")
+    lmk[4] = 9.0
+    lmk[5] = good * torch.tensor([1.0, 0.0]) + 4
+    index = torch.tensor([0, 1, 0, 1, 1, 1, 2, 0])
+    valid = torch.tensor([True, False, False, True, False, False, False, True])
+    return images, lmk, index, valid
+
+
+@nan_ok
+@pytest.mark.parametrize("interpolation", INTERPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_false_invalid_faces_are_black_with_no_gradient(backend, interpolation):
+    images, lmk, index, valid = _invalid_problem()
+    assert face_warp_valid(lmk, index, 2, size=12, backend=backend).tolist() == valid.tolist(), "face_warp_valid"
+    assert face_warp_valid(lmk, index.clamp(max=1), 2, size=12, backend=backend)[6], "face 6: only its index is bad"
+    x = images.clone().requires_grad_(True)
+    crops = face_warp(x, lmk, index, size=12, interpolation=interpolation, backend=backend, check=False)
+    grad_out = torch.randn(crops.shape)
+    (grad,) = torch.autograd.grad(crops, x, grad_out)
+    assert torch.isfinite(crops).all() and torch.isfinite(grad).all(), "NaN/inf in crops or images.grad"
+    assert (crops[~valid] == -1).all(), "invalid faces must be exactly -1"
+    # the valid faces alone, with check=True: same crops, and the whole image gradient
+    y = images.clone().requires_grad_(True)
+    want = face_warp(y, lmk[valid], index[valid], size=12, interpolation=interpolation, backend=backend)
+    (want_grad,) = torch.autograd.grad(want, y, grad_out[valid])
+    assert (want > -1).any(), "test set-up: the valid crops must see the image"
+    # (not bit-exact: the reference's batched matmul rounds differently for another number of faces)
+    torch.testing.assert_close(crops[valid], want, rtol=0, atol=1e-5, msg="crops of the valid faces")
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-5, msg="images.grad: invalid faces add nothing")
+    with pytest.raises(ValueError, match="image_index|landmarks"):
+        face_warp(images, lmk, index, size=12, backend=backend)  # check=True refuses the same input
+
+
+@nan_ok
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_false_invalid_face_reads_nothing(backend):
+    """An invalid face's crop is -1 even when the image holds inf/NaN, and an empty batch works."""
+    images, lmk, index, valid = _invalid_problem()
+    images[:, :, :3, :3] = float("inf")
+    images[:, :, 3:6, :3] = float("nan")
+    crops = face_warp(images, lmk, index, size=12, backend=backend, check=False)
+    assert (crops[~valid] == -1).all(), "invalid faces next to inf/NaN pixels"
+    empty = images[:0].clone().requires_grad_(True)
+    crops = face_warp(empty, lmk, index, size=6, backend=backend, check=False)
+    assert crops.shape == (8, 3, 6, 6) and (crops == -1).all(), "no image: every face is black"
+    (grad,) = torch.autograd.grad(crops.sum(), empty)
+    assert grad.shape == empty.shape
+    assert not face_warp_valid(lmk, index, 0, backend=backend).any()
+
+
+@nan_ok
+@pytest.mark.parametrize("interpolation", INTERPS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_false_never_syncs(backend, interpolation):
+    images, lmk, index, valid = _invalid_problem()
+    x = images.clone().requires_grad_(True)
+
+    def step():
+        crops = face_warp(x, lmk, index, size=12, interpolation=interpolation, backend=backend, check=False)
+        crops.backward(torch.ones_like(crops))
+        face_warp_valid(lmk, index, 2, size=12, backend=backend)
+
+    assert_no_host_sync(step)
+    assert x.grad is not None and (x.grad != 0).any(), "the probed step ran backward"
+    # positive control: check=True reads the flags back once
+    lmk_ok, index_ok = lmk[valid], index[valid]  # (boolean masking itself syncs: outside the probe)
+    found = host_syncs(lambda: face_warp(images, lmk_ok, index_ok, size=12, backend=backend))
+    assert [op for op, _ in found] == ["Tensor.tolist"] and "face_warp.py" in found[0][1], f"check=True syncs: {found}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("interpolation", INTERPS)
+def test_triton_cuda_check_false_matches_cpu_and_never_syncs(interpolation):
+    """On the GPU, CUDA's own sync detector (set_sync_debug_mode) must stay silent too."""
+    images, lmk, index, valid = _invalid_problem()
+    x = images.cuda().requires_grad_(True)
+    lmk_d, index_d, grad_out = lmk.cuda(), index.cuda(), torch.randn(8, 3, 12, 12, device="cuda")
+
+    def step():
+        crops = face_warp(x, lmk_d, index_d, size=12, interpolation=interpolation, backend="triton", check=False)
+        (grad,) = torch.autograd.grad(crops, x, grad_out)
+        return crops, grad, face_warp_valid(lmk_d, index_d, 2, size=12, backend="triton")
+
+    step()  # compile the kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        crops, grad, ok = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(step)
+    assert ok.cpu().tolist() == valid.tolist(), "face_warp_valid on CUDA"
+    assert (crops[~valid.cuda()] == -1).all() and torch.isfinite(grad).all(), "invalid faces on CUDA"
+    y = images.cuda().requires_grad_(True)
+    want = face_warp(y, lmk_d[valid.cuda()], index_d[valid.cuda()], size=12, interpolation=interpolation, backend="triton")
+    (want_grad,) = torch.autograd.grad(want, y, grad_out[valid.cuda()])
+    torch.testing.assert_close(crops[valid.cuda()], want, rtol=0, atol=1e-6, msg="crops of the valid faces (CUDA)")
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-5, msg="images.grad (CUDA)")
+
+
+def test_face_warp_valid_arguments():
+    _, lmk, index, valid = _invalid_problem()
+    assert face_warp_valid(lmk, index, 2).dtype == torch.bool
+    assert face_warp_valid(lmk[:0], index[:0], 2).shape == (0,)
+    assert face_warp_valid(lmk.double(), index.int(), 2, transform="affine").tolist() == valid.tolist()
+    for kwargs, argname in ((dict(n_images=-1), "n_images"), (dict(n_images=2.0), "n_images"), (dict(n_images=True), "n_images"),
+                            (dict(landmarks=lmk[:, :4]), "landmarks"), (dict(image_index=index[:3]), "image_index"),
+                            (dict(image_index=index.float()), "image_index"), (dict(size=0), "size"),
+                            (dict(transform="rigid"), "transform"), (dict(backend="cuda"), "backend"),
+                            (dict(image_index=index.to("meta")), "image_index")):
+        args = dict(dict(landmarks=lmk, image_index=index, n_images=2), **kwargs)
+        with pytest.raises(ValueError, match=argname):
+            face_warp_valid(args.pop("landmarks"), args.pop("image_index"), args.pop("n_images"), **args)

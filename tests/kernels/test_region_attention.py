@@ -517,3 +517,43 @@ def test_every_output_row_is_written_by_the_kernels(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", nan_empty_like)
     monkeypatch.setattr(torch, "empty", nan_empty)
     check_kernel_vs_reference(q, k, v, mem, offs, atol=3e-5, rtol=1e-4, label="NaN-filled buffers")
+
+
+@needs_triton
+@pytest.mark.parametrize("packed", [False, True])
+def test_no_host_sync_once_a_layout_is_known(packed):
+    """The tile plan is built on the device (no sync); input checks read values only the first time
+    a layout is seen. After that a call, forward and backward, never waits for the device."""
+    from sync_probe import assert_no_host_sync
+
+    q, k, v, mem, offs = random_case(2, 2, 70, 16, [[5, 9], [7, 3]], device=KDEV)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    if packed:
+        b_idx, t_idx = (mem != 0).nonzero(as_tuple=True)
+        qp = q.detach()[b_idx, :, t_idx].clone().requires_grad_()
+        pm = mem[b_idx, t_idx]
+        call = lambda: region_attention_packed(qp, k, v, pm, b_idx, offs, backend="triton")  # noqa: E731
+        inputs = (qp, k, v)
+    else:
+        call = lambda: region_attention(q, k, v, mem, offs, backend="triton")  # noqa: E731
+        inputs = (q, k, v)
+    from sync_probe import host_syncs
+
+    assert host_syncs(call), "the first call reads the layout's values back (the probe must see it)"
+
+    def step():
+        out = call()
+        torch.autograd.grad(out, inputs, torch.ones_like(out))
+
+    assert_no_host_sync(step)
+
+
+def test_tile_plan_is_built_without_host_sync():
+    import importlib
+
+    from sync_probe import assert_no_host_sync
+
+    ra = importlib.import_module("idflux.kernels.region_attention")
+    mem = _plan_case(torch.Generator().manual_seed(3), 3, 130, 4)
+    assert_no_host_sync(lambda: ra._dense_plan(mem, 4))
+    assert_no_host_sync(lambda: ra._packed_plan(mem.reshape(-1), torch.arange(3).repeat_interleave(130), 3, 4))

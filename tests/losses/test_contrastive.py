@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import idflux.losses.contrastive as contrastive
 from idflux.kernels import _backend, cosine_infonce
 from idflux.losses import ContrastiveLoss, NegativeBank
+from sync_probe import host_syncs
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -110,6 +111,29 @@ def test_in_batch_count_makes_num_negatives(monkeypatch):
     assert calls[-1][1]["neg_index"].shape == (64, 4096) and calls[-1][1]["in_batch"] is False
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not _backend.INTERPRET, reason="needs TRITON_INTERPRET=1 (tests/conftest.py sets it on CPU machines)"))])
+def test_loss_step_never_syncs_with_the_host(backend, monkeypatch):
+    """The bank's draws are in range by construction: cosine_infonce runs with check=False and the
+    sampler with check=False, so a step (forward and backward) never syncs."""
+    bank, g, pos, ids = make_case(N=4, D=8, K=20, dtype=torch.float32)
+    g.requires_grad_()
+    checks = []
+
+    def spy(*args, **kw):
+        checks.append(kw.get("check"))
+        return cosine_infonce(*args, **kw)
+
+    monkeypatch.setattr(contrastive, "cosine_infonce", spy)
+    loss_fn = ContrastiveLoss(bank, num_negatives=9, backend=backend)
+    found = host_syncs(lambda: loss_fn(g, pos, ids, generator=gen(0)).backward())
+    assert checks == [False], f"cosine_infonce check= {checks}"
+    assert g.grad is not None and torch.isfinite(g.grad).all(), "the probed step ran backward"
+    assert not found, f"host syncs in a contrastive step: {found}"
+    assert host_syncs(lambda: bank.sample(ids, 9, generator=gen(0))), "sample(check=True) reads back (the probe must see it)"
+    assert not host_syncs(lambda: ContrastiveLoss(None, backend=backend)(g, pos, ids).backward()), "in-batch only: no sync"
+
+
 def test_in_batch_only_without_bank():
     _, g, pos, ids = make_case()
     got = ContrastiveLoss(None, backend="torch")(g, pos, ids)
@@ -178,3 +202,39 @@ def test_cuda_draws_and_triton_loss():
     torch.testing.assert_close(out["triton"], out["torch"], rtol=1e-4, atol=1e-5, msg="loss triton vs torch")
     for name, a, b in zip(("g.grad", "pos.grad"), grads["triton"], grads["torch"]):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-5, msg=name)
+
+
+def test_identity_owning_the_whole_bank_gets_in_batch_negatives_only_without_sync():
+    import torch
+
+    from idflux.losses.negative_bank import NegativeBank
+
+    emb = torch.randn(6, 8)
+    bank = NegativeBank(emb, torch.zeros(6, dtype=torch.long))  # every row is identity 0
+    g, pos = torch.randn(3, 8), torch.randn(3, 8)
+    ids = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="owns every one"):
+        bank.sample(ids, 4)
+    loss_fn = ContrastiveLoss(bank, num_negatives=6, weight=1.0)
+    assert not host_syncs(lambda: loss_fn(g, pos, ids, generator=gen(0)))
+    got = loss_fn(g, pos, ids, generator=gen(0))
+    idx = bank.sample(ids, loss_fn.gallery_draws(3), generator=gen(0), check=False)
+    kw = dict(tau=loss_fn.tau, in_batch=loss_fn.in_batch, ids=ids, neg_ids=bank.ids)
+    torch.testing.assert_close(got, cosine_infonce(g, pos, emb, neg_index=idx, **kw))
+    per_row = cosine_infonce(g, pos, emb, neg_index=idx, reduction="none", **kw)
+    in_batch_only = cosine_infonce(g, pos, emb[:0], reduction="none", tau=loss_fn.tau, in_batch=True, ids=ids)
+    torch.testing.assert_close(per_row[0], in_batch_only[0], msg="row 0: its own rows excluded, in-batch negatives only")
+
+
+def test_valid_mask_leaves_faces_out_of_the_mean():
+    import torch
+
+    bank, g, pos, ids = make_case(N=5, D=8, K=20, dtype=torch.float64)
+    loss_fn = ContrastiveLoss(bank, num_negatives=9, weight=0.5)
+    valid = torch.tensor([True, False, True, True, False])
+    got = loss_fn(g, pos, ids, generator=gen(0), valid=valid)
+    idx = bank.sample(ids, loss_fn.gallery_draws(5), generator=gen(0), check=False)
+    per_row = cosine_infonce(g, pos, bank.embeddings, neg_index=idx, tau=loss_fn.tau, in_batch=loss_fn.in_batch,
+                             ids=ids, neg_ids=bank.ids, reduction="none")
+    torch.testing.assert_close(got, 0.5 * per_row[valid].mean())
+    assert loss_fn(g, pos, ids, generator=gen(0), valid=torch.zeros(5, dtype=torch.bool)) == 0

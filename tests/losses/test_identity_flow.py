@@ -1,9 +1,11 @@
 import pytest
 import torch
 
+from idflux.kernels import _backend
 from idflux.kernels.face_warp_ref import arcface_template
 from idflux.losses.flow_matching import FlowMatchingLoss, noisy_latents, one_step_x0, sample_timesteps
 from idflux.losses.identity import IdentityLoss
+from sync_probe import assert_no_host_sync
 
 
 class TinyRecognizer(torch.nn.Module):
@@ -47,6 +49,42 @@ def test_released_gating_scales_high_noise_faces():
     assert rel_t == pytest.approx(all_t.item() * 1e-5, rel=1e-4)
     with pytest.raises(ValueError, match="gating"):
         IdentityLoss(rec, gating="sometimes")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN landmarks
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not _backend.INTERPRET, reason="needs TRITON_INTERPRET=1 (tests/conftest.py sets it on CPU machines)"))])
+def test_invalid_faces_are_left_out_without_host_sync(backend):
+    """A degenerate face, a NaN one and one with an out-of-range image: finite loss equal to the loss of
+    the remaining faces, which alone carry the gradient; forward + backward never sync."""
+    rec = TinyRecognizer()
+    rec(torch.zeros(1, 3, 112, 112))
+    gt = torch.rand(2, 3, 64, 64) * 2 - 1
+    pred = (gt + 0.3 * torch.randn_like(gt)).requires_grad_()
+    lm, idx = faces()
+    bad_lm = torch.cat([lm, torch.full((1, 5, 2), 20.0), lm[:1] * float("nan"), lm[1:2]])
+    bad_idx = torch.cat([idx, torch.tensor([1, 0, 2])])
+    t = torch.tensor([0.9, 0.1])
+    for gating in ("all", "released") if backend == "torch" else ("released",):  # (interpreter: ~0.5 s per loss)
+        loss_fn = IdentityLoss(rec, gating=gating, backend=backend)
+        want, _ = loss_fn(pred, gt, lm, idx, t)
+        (want_grad,) = torch.autograd.grad(want, pred)
+        out = {}
+
+        def step():
+            out["loss"], out["g"] = loss_fn(pred, gt, bad_lm, bad_idx, t)
+            (out["grad"],) = torch.autograd.grad(out["loss"], pred)
+
+        assert_no_host_sync(step)
+        assert torch.isfinite(out["loss"]) and torch.isfinite(out["grad"]).all(), f"NaN loss or gradient ({gating})"
+        torch.testing.assert_close(out["loss"], want, rtol=1e-5, atol=1e-7, msg=f"loss over the valid faces ({gating})")
+        torch.testing.assert_close(out["grad"], want_grad, rtol=1e-4, atol=1e-8, msg=f"pred.grad ({gating})")
+        per_face, _ = loss_fn(pred, gt, bad_lm, bad_idx, t, reduction="none")
+        assert torch.all(per_face[3:] == 0) and torch.all(per_face[:3] > 0), f"per-face losses: {per_face.tolist()}"
+    none_valid, _ = IdentityLoss(rec, backend=backend)(pred, gt, bad_lm[3:], bad_idx[3:])
+    assert none_valid.item() == 0.0, "no valid face: loss 0"
+    (grad,) = torch.autograd.grad(none_valid, pred)
+    assert torch.all(grad == 0), "no valid face: no gradient"
 
 
 def test_flow_matching_pieces():
