@@ -3,6 +3,7 @@
 Providers:
 - ``triton``: the public ``cosine_infonce(backend="triton")`` (CUDA only; includes the argument
   checks, whose neg_index range check is one host sync per call).
+- ``triton_nocheck``: the same with ``check=False`` (no host sync), as ``ContrastiveLoss`` calls it.
 - ``ref``: the PyTorch reference (gathers an fp32 (N, M, D) tensor).
 - ``gathered_ce``: the released way: gather negatives[neg_index] into an (N, M, D) tensor in the
   input dtype (timed), ``F.normalize`` + ``bmm`` + ``F.cross_entropy`` on fp32 logits.
@@ -31,7 +32,10 @@ from idflux.kernels.cosine_infonce_ref import EPS, cosine_infonce_ref
 
 OP = "cosine_infonce"
 TAU = 0.1
-SUMMARY = [("ref", "gathered_ce"), ("triton", "gathered_ce"), ("triton", "compile_ref")]
+SUMMARY = [("ref", "gathered_ce"), ("triton", "gathered_ce"), ("triton", "compile_ref"),
+           ("triton_nocheck", "gathered_ce"), ("triton_nocheck", "compile_ref")]
+# Providers with no host sync: also timed from a CUDA-graph replay (device time).
+CAPTURABLE = {"triton_nocheck", "ref", "gathered_ce", "compile_ref"}
 GATHER_LIMIT_BYTES = 12 * 2**30
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -70,7 +74,7 @@ def _sizes(device: torch.device, quick: bool):
 def _providers(device: torch.device, gathered_fp32_bytes: int) -> list[str]:
     out = []
     if device.type == "cuda" and _backend.triton_usable(device):
-        out.append("triton")
+        out += ["triton", "triton_nocheck"]
     if gathered_fp32_bytes <= GATHER_LIMIT_BYTES:
         out += ["ref", "gathered_ce"] + (["compile_ref"] if device.type == "cuda" else [])
     return out
@@ -92,6 +96,7 @@ def cases(device: torch.device, quick: bool) -> Iterator[Case]:
         shape = {"N": N, "M": M, "D": D, "K": K}
         forwards = {
             "triton": lambda: cosine_infonce(g, pos, bank, neg_index=neg_index, tau=TAU, backend="triton"),
+            "triton_nocheck": lambda: cosine_infonce(g, pos, bank, neg_index=neg_index, tau=TAU, backend="triton", check=False),
             "ref": lambda: cosine_infonce_ref(g, pos, bank, neg_index=neg_index, tau=TAU),
             "gathered_ce": lambda: gathered_ce(g, pos, bank, neg_index),
             "compile_ref": lambda: _compile_ref()(g, pos, bank, neg_index=neg_index, tau=TAU),
@@ -103,5 +108,5 @@ def cases(device: torch.device, quick: bool) -> Iterator[Case]:
                 nbytes = None if mode == "bwd" else N * M * D * elt + io * passes
                 yield Case(op=OP, provider=provider, mode=mode, shape=shape, dtype=dt, fn=fns[mode],
                            flops=2.0 * N * M * D * passes, bytes=nbytes,
-                           note="neg_index into a gallery bank; tau=0.1")
+                           note="neg_index into a gallery bank; tau=0.1", graph=provider in CAPTURABLE)
             del fns

@@ -4,6 +4,7 @@ Faces: ``FACES_PER_IMAGE`` faces per image, each about a quarter of the image wi
 warped to 112 x 112 crops. Providers:
   ref                   ``face_warp(backend="torch")``: the PyTorch reference (fit + validation included)
   triton                ``face_warp(backend="triton")`` (CUDA only; fit + validation included)
+  triton_nocheck        the same with ``check=False`` (no host sync), as ``IdentityLoss`` calls it
   grid_sample_bicubic   ``images[image_index]`` + ``F.affine_grid`` + ``F.grid_sample`` bicubic with a
                         per-face 6-DOF affine: the released way
   grid_sample_bilinear  the same, bilinear
@@ -31,7 +32,10 @@ OP = "face_warp"
 SUMMARY = [
     ("ref", "grid_sample_bicubic"), ("ref", "grid_sample_bilinear"),
     ("triton", "grid_sample_bicubic"), ("triton", "grid_sample_bilinear"), ("triton", "kornia"),
+    ("triton_nocheck", "grid_sample_bicubic"), ("triton_nocheck", "grid_sample_bilinear"),
 ]
+# Providers with no host sync: also timed from a CUDA-graph replay (device time).
+CAPTURABLE = {"triton_nocheck", "grid_sample_bilinear", "grid_sample_bicubic"}
 CROP = 112
 FACES_PER_IMAGE = 2
 _TAPS = {"bilinear": 4, "bicubic": 16}
@@ -99,7 +103,7 @@ def cases(device: torch.device, quick: bool) -> Iterator[Case]:
         sweep = [(b, s, "fp32") for s in (512, 1024) for b in (1, 8, 32)] + [(b, 1024, "bf16") for b in (1, 8, 32)]
     else:
         sweep = [(1, 512, "fp32")] + ([] if quick else [(4, 512, "fp32")])
-    providers = ["ref"] + (["triton"] if device.type == "cuda" and HAS_TRITON else [])
+    providers = ["ref"] + (["triton", "triton_nocheck"] if device.type == "cuda" and HAS_TRITON else [])
     try:
         import kornia  # noqa: F401
 
@@ -118,7 +122,8 @@ def cases(device: torch.device, quick: bool) -> Iterator[Case]:
         crop_bytes = n_faces * 3 * CROP * CROP * elem
         for interp in ("bilinear", "bicubic"):
             shape = {"B": batch, "H": side, "W": side, "faces": n_faces, "size": CROP, "interp": interp}
-            fns = {p: (lambda p=p, interp=interp: face_warp(images, lmk, index, size=CROP, interpolation=interp, backend="torch" if p == "ref" else p))
+            fns = {p: (lambda p=p, interp=interp: face_warp(images, lmk, index, size=CROP, interpolation=interp,
+                                                            backend="torch" if p == "ref" else "triton", check=p != "triton_nocheck"))
                    for p in providers}
             fns[f"grid_sample_{interp}"] = lambda interp=interp: grid_sample_warp(images, matrices, index, CROP, interp)
             if has_kornia:
@@ -128,6 +133,7 @@ def cases(device: torch.device, quick: bool) -> Iterator[Case]:
             bwd_bytes = images.numel() * elem + crop_bytes
             work = {"fwd": (flops, fwd_bytes), "bwd": (flops, bwd_bytes), "fwd+bwd": (2 * flops, fwd_bytes + bwd_bytes)}
             for provider, forward in fns.items():
-                note = "" if provider in ("ref", "triton") else "matrices precomputed"
+                note = "" if provider.startswith(("ref", "triton")) else "matrices precomputed"
                 for mode, fn in mode_fns(forward, [images]).items():
-                    yield Case(OP, provider, mode, shape, dtype_name, fn, flops=work[mode][0], bytes=work[mode][1], note=note)
+                    yield Case(OP, provider, mode, shape, dtype_name, fn, flops=work[mode][0], bytes=work[mode][1], note=note,
+                               graph=provider in CAPTURABLE)
