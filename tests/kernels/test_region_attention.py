@@ -557,3 +557,17 @@ def test_tile_plan_is_built_without_host_sync():
     mem = _plan_case(torch.Generator().manual_seed(3), 3, 130, 4)
     assert_no_host_sync(lambda: ra._dense_plan(mem, 4))
     assert_no_host_sync(lambda: ra._packed_plan(mem.reshape(-1), torch.arange(3).repeat_interleave(130), 3, 4))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_calls_after_the_first_never_sync():
+    q, k, v, mem, offs = random_case(2, 24, 1024, 64, [[264] * 4, [264, 264, 0, 0]], p_in=0.3, device="cuda")
+    q, k, v = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    out = region_attention(q, k, v, mem, offs, backend="triton")  # first sight: checks read values once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = region_attention(q, k, v, mem, offs, backend="triton")
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
