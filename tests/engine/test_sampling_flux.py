@@ -64,3 +64,28 @@ def test_flux_forward_matches_diffusers_without_adapter_and_adapter_changes_only
     with torch.no_grad():
         zero_out = flux_forward(flux, x, txt, pooled, t, ids, tids, g, adapter=adapter, adapter_ctx=ctx)
     torch.testing.assert_close(zero_out, theirs, msg="adapter with zero to_out must leave FLUX unchanged")
+
+
+def test_denoising_step_with_the_adapter_never_syncs_with_the_host():
+    """After the layout's first call, a whole FLUX evaluation with the adapter (Triton region
+    attention, interpreted here) issues no device->host sync: it can be captured in a CUDA graph."""
+    from idflux.kernels._backend import INTERPRET
+
+    if not (INTERPRET or torch.cuda.is_available()):
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    from sync_probe import host_syncs
+
+    flux = tiny_flux_transformer().eval()
+    B, grid = 2, 4
+    x, txt, pooled = torch.randn(B, grid * grid, 16), torch.randn(B, 5, 32), torch.randn(B, 16)
+    t, g = torch.full((B,), 0.7), torch.full((B,), 4.0)
+    ids, tids = image_ids(grid, grid), torch.zeros(5, 3)
+    adapter = IdentityAdapter(tiny_adapter())
+    cfg = adapter.cfg
+    layout = RegionLayout.from_membership(boxes_to_membership([[(0, 0, 32, 32)], [(16, 16, 64, 64)]], 64, 64), 1)
+    ctx = adapter.prepare(torch.randn(B, 1, cfg.arc_dim), torch.randn(B, 1, cfg.siglip_tokens, cfg.siglip_dim), layout,
+                          backend="triton")
+    step = lambda: flux_forward(flux, x, txt, pooled, t, ids, tids, g, adapter=adapter, adapter_ctx=ctx)  # noqa: E731
+    with torch.no_grad():
+        step()  # first sight of the layout
+        assert host_syncs(step) == []
