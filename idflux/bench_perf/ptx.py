@@ -25,7 +25,8 @@ def region_attention_signature(fn, dtype: str, head_dim: int, *, atomic: bool = 
     """(signature, constexprs, attrs) of a region_attention kernel as a launch specialises it."""
     sig, const, attrs = {}, {}, {}
     block_d = max(16, 1 << (head_dim - 1).bit_length())
-    values = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, HEAD_D=head_dim, IEEE=dtype == "fp32", ATOMIC_DKDV=atomic)
+    values = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, HEAD_D=head_dim, IEEE=dtype == "fp32", ATOMIC_DKDV=atomic,
+                  ADD_OUT=atomic)
     for i, name in enumerate(inspect.signature(fn.fn).parameters):
         if name in values:
             sig[name], const[name] = "constexpr", values[name]
@@ -33,7 +34,7 @@ def region_attention_signature(fn, dtype: str, head_dim: int, *, atomic: bool = 
         if name.startswith("stride"):
             sig[name] = "i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("R", "NB"):
+        elif name in ("R", "NB", "SPLIT"):
             sig[name] = "i32"
         elif name in ("qk_scale", "sm_scale"):
             sig[name] = "fp32"
@@ -41,7 +42,7 @@ def region_attention_signature(fn, dtype: str, head_dim: int, *, atomic: bool = 
             if name in ("LSE", "DELTA"):
                 sig[name] = "*fp32"
             elif name in ("DK", "DV"):
-                sig[name] = "*fp32" if atomic else f"*{dtype}"
+                sig[name] = "*fp32" if atomic else f"*{dtype}"  # atomic: the fp32 accumulators
             elif name == "OFFS":
                 sig[name] = "*i64"
             elif name in ("MEM", "TILES", "ROWS", "REF_TILES", "REF_COUNTS"):

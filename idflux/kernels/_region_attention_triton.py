@@ -191,12 +191,12 @@ def _region_attention_bwd(
                     dv = _dot(tl.trans(p), do, IEEE)
                     dk = _dot(tl.trans(ds), q, IEEE)
                     acc_off = b * stride_ab + h * stride_ah + cols[:, None] * stride_an + d[None, :]
-                    tl.atomic_add(DK + acc_off, dk, mask=kv_mask)
-                    tl.atomic_add(DV + acc_off, dv, mask=kv_mask)
+                    tl.atomic_add(DK + acc_off, dk, mask=kv_mask, sem="relaxed")
+                    tl.atomic_add(DV + acc_off, dv, mask=kv_mask, sem="relaxed")
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=io_mask)
 
 
-@triton.jit(do_not_specialize=_DYNAMIC + ["NB", "stride_rt"])
+@triton.jit(do_not_specialize=_DYNAMIC + ["NB", "SPLIT", "stride_rt"])
 def _region_attention_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, MEM, OFFS, TILES, ROWS, REF_TILES, REF_COUNTS,
     stride_qb, stride_qh, stride_qn,
@@ -205,16 +205,21 @@ def _region_attention_bwd_dkdv(
     stride_db, stride_dh, stride_dn,
     stride_gb, stride_gh, stride_gn,
     stride_lb, stride_lh, stride_mb, stride_mn, stride_fb, stride_rt,
-    R, NB, qk_scale, sm_scale,
+    R, NB, SPLIT, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, ADD_OUT: tl.constexpr,
 ):
     """dk, dv of one key block (BLOCK_N keys of reference r of image b) x one head. It walks the
     plan tiles listed for (b, r) (those holding a token in box r: REF_TILES[b * R + r, :count]),
-    accumulates in registers and stores once. Each key belongs to exactly one program: no atomics.
-    DK/DV (stride_g*) are zero-initialised: keys no reference owns keep a zero gradient."""
+    accumulates in registers and stores once: no atomics. With SPLIT > 1 programs s = 0..SPLIT-1
+    share a key block, each walking every SPLIT-th tile of the list, and add their partial sums into
+    fp32 DK/DV (ADD_OUT): SPLIT adds per element, to keep the device full when the lists are long
+    and the key blocks few. DK/DV (stride_g*) are zero-initialised: keys no reference owns keep a
+    zero gradient."""
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
+    s = pid % SPLIT
+    pid = pid // SPLIT
     b = (pid // (R * NB)).to(tl.int64)
     r = (pid // NB) % R
     j = pid % NB
@@ -232,7 +237,7 @@ def _region_attention_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lst = REF_TILES + (b * R + r) * stride_rt
-    for i in range(tl.load(REF_COUNTS + b * R + r)):
+    for i in range(s, tl.load(REF_COUNTS + b * R + r), SPLIT):
         t = tl.load(lst + i)
         _, rows, row_mask = _tile_rows(TILES, ROWS, t, BLOCK_M)
         mem = tl.load(MEM + b * stride_mb + rows * stride_mn, mask=row_mask, other=0)
@@ -249,5 +254,9 @@ def _region_attention_bwd_dkdv(
         dv += _dot(tl.trans(p), do, IEEE)
         dk += _dot(tl.trans(ds), q, IEEE)
     out = b * stride_gb + h * stride_gh + cols[:, None] * stride_gn + d[None, :]
-    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    if ADD_OUT:
+        tl.atomic_add(DK + out, dk, mask=kv_mask, sem="relaxed")
+        tl.atomic_add(DV + out, dv, mask=kv_mask, sem="relaxed")
+    else:
+        tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)

@@ -260,23 +260,59 @@ def _packed_plan(membership: torch.Tensor, image_index: torch.Tensor, n_images: 
     return build_plan(membership, image_index, rows, n_images, n_refs)
 
 
-def _plan_for(membership, image_index, n_images, n_refs):
-    """The layout's plan: cached in eager mode (the same layout tensors come back for every module
-    and every denoising step), traced into the graph under torch.compile."""
+def _plan_for(membership, image_index, n_images, ref_offsets):
+    """(plan, hint) for a layout. The plan (see :func:`build_plan`) is cached in eager mode (the same
+    layout tensors come back for every module and every denoising step) and traced into the graph
+    under torch.compile. hint = (most tiles any reference's list holds, longest key span), read back
+    once per layout in eager mode (one host sync, like the input checks) to size the dk/dv launch;
+    None under torch.compile (static sizes)."""
+    n_refs = ref_offsets.shape[1] - 1
+
     def build():
         if image_index is None:
             return _dense_plan(membership, n_refs)
         return _packed_plan(membership, image_index, n_images, n_refs)
 
     if torch.compiler.is_compiling():
-        return build()
-    tensors = (membership,) if image_index is None else (membership, image_index)
+        return build(), None
+    tensors = (membership, ref_offsets) if image_index is None else (membership, image_index, ref_offsets)
     tag = ("plan", n_images, n_refs, _BLOCK_M)
-    plan = _seen_before(tag, *tensors, value=True)
-    if plan is None:
+    cached = _seen_before(tag, *tensors, value=True)
+    if cached is None:
         plan = build()
-        _remember(tag, *tensors, payload=plan)
-    return plan
+        ref_counts = plan[3]
+        spans = (ref_offsets[:, 1:] - ref_offsets[:, :-1]).reshape(-1)
+        stats = torch.stack([ref_counts.max() if ref_counts.numel() else ref_counts.new_zeros(()),
+                             spans.max().to(ref_counts.dtype) if spans.numel() else ref_counts.new_zeros(())])
+        cached = (plan, tuple(int(x) for x in stats.tolist()))
+        _remember(tag, *tensors, payload=cached)
+    return cached
+
+
+#: dk/dv walk split: None picks it per layout (enough programs to fill the GPU); an int forces it
+#: (tuning runs and tests).
+DKDV_SPLIT = None
+
+
+def _dkdv_grid(B, R, H, Nkv, block_n, hint, device):
+    """(key blocks per reference NB, split S) of the dk/dv launch: B * R * NB * S programs per head.
+
+    Without a hint: NB from Nkv (a static bound; blocks past a reference's span exit at once), S = 1.
+    With one: NB from the longest span, and S programs share each key block's tile list (each walks
+    every S-th tile and adds its partial dk/dv into fp32 buffers) when B * R * NB * H programs would
+    not fill the device twice over; S never exceeds half the longest list.
+    """
+    if hint is None:
+        return -(-Nkv // block_n), (DKDV_SPLIT or 1)
+    max_tiles, max_span = hint
+    nb = max(1, -(-max_span // block_n))
+    if DKDV_SPLIT is not None:
+        return nb, DKDV_SPLIT
+    if device.type != "cuda":
+        return nb, 1
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    split = -(-target // max(1, B * R * nb * H))
+    return nb, max(1, min(split, 16, max_tiles // 2))
 
 
 def _geometry(t, membership):
@@ -331,7 +367,7 @@ def _fwd_impl(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_coun
 BWD_DKDV = "key_parallel"
 
 
-def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale):
+def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale, hint=None):
     from idflux.kernels._region_attention_triton import LOG2E, _region_attention_bwd, _region_attention_bwd_dkdv
 
     q, k, v, out, do = (_last_dim_contiguous(t) for t in (q, k, v, out, do))
@@ -339,14 +375,15 @@ def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_t
     B, Nkv = k.shape[0], k.shape[2]
     R = ref_offsets.shape[1] - 1
     atomic = BWD_DKDV == "atomic"
+    block_n = _block_n(Nkv, R)
+    nb, split = _dkdv_grid(B, R, H, Nkv, block_n, hint, k.device)
     dq = torch.empty_like(q)  # every row written by the dq kernel (zero tiles: zeros)
-    acc_dtype = torch.float32 if atomic else k.dtype
+    acc_dtype = torch.float32 if atomic or split > 1 else k.dtype
     dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
     if not (q.numel() and Nkv):
         return dq.zero_(), dk.to(k.dtype), dv.to(v.dtype)
     delta = torch.empty_like(lse)  # written by the dq kernel for every planned row, read by dk/dv
-    block_n = _block_n(Nkv, R)
     qs, ms = _geometry(q, membership)
     os_, ds_, gs = (_geometry(t, membership)[0] for t in (out, do, dq))
     ls = _lse_strides(lse)
@@ -360,13 +397,12 @@ def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_t
         R, scale * LOG2E, scale, ATOMIC_DKDV=atomic, **common,
     )
     if not atomic and R:
-        nb = -(-Nkv // block_n)  # static bound on key blocks per reference: no host read of the offsets
-        _region_attention_bwd_dkdv[(B * R * nb, H)](
+        _region_attention_bwd_dkdv[(B * R * nb * split, H)](
             q, k, v, do, dk, dv, lse, delta, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts,
             *qs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             *ds_, dk.stride(0), dk.stride(1), dk.stride(2),
             *ls, *ms, ref_offsets.stride(0), ref_tiles.stride(0),
-            R, nb, scale * LOG2E, scale, **common,
+            R, nb, split, scale * LOG2E, scale, ADD_OUT=split > 1, **common,
         )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
@@ -422,23 +458,25 @@ class RegionAttentionFunction(torch.autograd.Function):
     the custom op is used instead (see :func:`_region_attention_triton`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale):
+    def forward(ctx, q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale, hint):
         out, lse = _fwd_impl(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale)
         ctx.save_for_backward(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, out, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.hint = scale, hint
         return out
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, out, lse = ctx.saved_tensors
-        dq, dk, dv = _bwd_impl(d_out, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        dq, dk, dv = _bwd_impl(d_out, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts,
+                               ctx.scale, ctx.hint)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-def _region_attention_triton(q, k, v, membership, ref_offsets, plan, scale):
+def _region_attention_triton(q, k, v, membership, ref_offsets, planned, scale):
+    plan, hint = planned
     if torch.compiler.is_compiling():
         return _fwd_op(q, k, v, membership, ref_offsets, *plan, scale)[0]
-    return RegionAttentionFunction.apply(q, k, v, membership, ref_offsets, *plan, scale)
+    return RegionAttentionFunction.apply(q, k, v, membership, ref_offsets, *plan, scale, hint)
 
 
 def _kernel_ready(fn, q, membership):
@@ -484,7 +522,7 @@ def region_attention(q, k, v, membership, ref_offsets, *, scale=None, backend="a
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if impl == "torch":
         return region_attention_ref(q, k, v, membership, ref_offsets, scale)
-    plan = _plan_for(membership, None, q.shape[0], ref_offsets.shape[1] - 1)
+    plan = _plan_for(membership, None, q.shape[0], ref_offsets)
     membership = _kernel_ready("region_attention", q, membership)
     return _region_attention_triton(q, k, v, membership, ref_offsets, plan, scale)
 
@@ -519,6 +557,6 @@ def region_attention_packed(q, k, v, membership, image_index, ref_offsets, *, sc
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if impl == "torch":
         return region_attention_packed_ref(q, k, v, membership, image_index, ref_offsets, scale)
-    plan = _plan_for(membership, image_index, k.shape[0], ref_offsets.shape[1] - 1)
+    plan = _plan_for(membership, image_index, k.shape[0], ref_offsets)
     membership = _kernel_ready("region_attention_packed", q, membership)
     return _region_attention_triton(q, k, v, membership, ref_offsets, plan, scale)

@@ -571,3 +571,37 @@ def test_cuda_calls_after_the_first_never_sync():
         torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_triton
+@pytest.mark.parametrize("split", [2, 3])
+def test_split_dkdv_walk_matches_reference(monkeypatch, split):
+    """Several programs share a key block's tile list and add fp32 partials (forced here; on a GPU
+    the split is picked per layout to fill the device)."""
+    import importlib
+
+    ra = importlib.import_module("idflux.kernels.region_attention")
+    monkeypatch.setattr(ra, "DKDV_SPLIT", split)
+    q, k, v, mem, offs = random_case(2, 2, 300, 16, [[9, 20, 3], [5, 0, 30]], p_in=0.8, device=KDEV)
+    check_kernel_vs_reference(q, k, v, mem, offs, atol=3e-5, rtol=1e-4, label=f"split {split}")
+
+
+def test_dkdv_grid_sizes_from_the_layout_hint(monkeypatch):
+    import importlib
+
+    ra = importlib.import_module("idflux.kernels.region_attention")
+    cpu = torch.device("cpu")
+    assert ra._dkdv_grid(1, 4, 24, 1056, 64, None, cpu) == (17, 1), "no hint: static key blocks, no split"
+    assert ra._dkdv_grid(1, 4, 24, 1056, 64, (6, 264), cpu) == (5, 1), "hint: key blocks of the longest span"
+
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    cuda = torch.device("cuda")
+    assert ra._dkdv_grid(1, 4, 24, 1056, 64, (6, 264), cuda) == (5, 1), "480 programs fill 132 SMs twice"
+    assert ra._dkdv_grid(1, 4, 24, 32, 16, (6, 8), cuda) == (1, 3), "ArcFace branch: 96 programs -> split 3"
+    assert ra._dkdv_grid(1, 1, 24, 8, 16, (40, 8), cuda) == (1, 11), "one big box: 24 programs -> split 11"
+    assert ra._dkdv_grid(1, 1, 24, 8, 16, (2, 8), cuda) == (1, 1), "never more than half the list"
+    monkeypatch.setattr(ra, "DKDV_SPLIT", 4)
+    assert ra._dkdv_grid(1, 4, 24, 32, 16, (6, 8), cuda) == (1, 4)
