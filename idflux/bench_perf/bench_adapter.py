@@ -5,8 +5,12 @@ Providers:
                   projected once per generation (not timed: it is outside the denoising loop)
   ours+prepare    the same including the K/V projection (the first step)
   released        the released formulation: ID tokens once per forward, one dense boolean mask per
-                  forward, every image token through norm/to_q, SDPA with the mask, to_out, and
-                  K/V projected again in every module at every step
+                  branch and forward (built on the device, vectorised: kinder than the release),
+                  every image token through norm/to_q, SDPA with the mask, to_out, and K/V
+                  projected again in every module at every step
+  released+loops  the same with the masks built as the released code builds them, once per
+                  forward: Python loops over images, references, heads and tokens into a CPU bool
+                  tensor (B, heads, L, refs * tokens), then copied to the device
 Shapes: 4 references, 30% of tokens in boxes; CPU at reduced width (hidden 256, 4 heads x 64, the
 full 57 blocks); CUDA at full width (hidden 3072, 24 x 64), bf16, 512^2 and 1024^2.
 """
@@ -17,23 +21,27 @@ from typing import Iterator
 
 import torch
 
-from idflux.bench_perf.bench_region_attention import quadrant_boxes
+from idflux.bench_perf.bench_region_attention import quadrant_boxes, released_mask_from_membership
 from idflux.bench_perf.harness import Case, mode_fns
 from idflux.engine.adapter import AdapterConfig, IdentityAdapter, RegionLayout
 from idflux.engine.regions import boxes_to_membership
 from idflux.kernels.region_attention_ref import dense_mask_from_membership
 
 OP = "adapter"
-SUMMARY = [("ours", "released"), ("ours+prepare", "released")]
+SUMMARY = [("ours", "released"), ("ours+prepare", "released"), ("ours", "released+loops")]
 
 
-def _released_step(adapter: IdentityAdapter, img, arc, sig, membership, R):
+def _released_step(adapter: IdentityAdapter, img, arc, sig, membership, R, *, loops: bool = False):
     arc_tok, sig_tok = adapter.id_tokens(arc, sig)  # once per forward, as released
     B = img.shape[0]
     cfg = adapter.cfg
-    offs = lambda n: (torch.arange(R + 1, device=img.device) * n).expand(B, -1)  # noqa: E731
-    mask_arc = dense_mask_from_membership(membership, offs(cfg.arc_tokens), arc_tok.shape[1])[:, None]
-    mask_sig = dense_mask_from_membership(membership, offs(cfg.sig_tokens_per_ref), sig_tok.shape[1])[:, None]
+    if loops:
+        mask_arc = released_mask_from_membership(membership, cfg.heads, cfg.arc_tokens, R, img.device)
+        mask_sig = released_mask_from_membership(membership, cfg.heads, cfg.sig_tokens_per_ref, R, img.device)
+    else:
+        offs = lambda n: (torch.arange(R + 1, device=img.device) * n).expand(B, -1)  # noqa: E731
+        mask_arc = dense_mask_from_membership(membership, offs(cfg.arc_tokens), arc_tok.shape[1])[:, None]
+        mask_sig = dense_mask_from_membership(membership, offs(cfg.sig_tokens_per_ref), sig_tok.shape[1])[:, None]
     x = img
     for i in range(cfg.n_blocks):
         x = x + adapter.arc_blocks[i].forward_dense(x, arc_tok, mask_arc) + adapter.sig_blocks[i].forward_dense(x, sig_tok, mask_sig)
@@ -74,9 +82,10 @@ def cases(device: torch.device, quick: bool = False) -> Iterator[Case]:
             "ours": lambda: _ours_step(adapter, img, ctx_fixed),
             "ours+prepare": lambda: _ours_step(adapter, img, adapter.prepare(arc, sig, layout, backend=backend)),
             "released": lambda: _released_step(adapter, img, arc, sig, membership, R),
+            "released+loops": lambda: _released_step(adapter, img, arc, sig, membership, R, loops=True),
         }
         for name, fwd in providers.items():
             fns = mode_fns(fwd, params)
             for mode in ("fwd", "fwd+bwd"):
                 yield Case(OP, name, mode, shape, dname, fns[mode],
-                           note="K/V cached across steps" if name == "ours" else "", graph=True)
+                           note="K/V cached across steps" if name == "ours" else "", graph=name != "released+loops")

@@ -72,6 +72,21 @@ def released_mask(boxes, heads: int, size: int, id_len: int, max_refs: int, devi
     return mask.to(device)
 
 
+def released_mask_from_membership(membership: torch.Tensor, heads: int, id_len: int, max_refs: int, device) -> torch.Tensor:
+    """The same construction as :func:`released_mask` (Python loops over images, references, heads
+    and token indices into a CPU bool tensor, then one copy) from a membership bitmask (B, L)."""
+    mem = membership.cpu()
+    B, L = mem.shape
+    mask = torch.zeros(B, heads, L, max_refs * id_len, dtype=torch.bool)
+    for b in range(B):
+        for r in range(max_refs):
+            tokens = ((mem[b] >> r) & 1).nonzero().squeeze(1).tolist()
+            for h in range(heads):
+                for t in tokens:
+                    mask[b, h, t, r * id_len : (r + 1) * id_len] = True
+    return mask.to(device)
+
+
 def _flex_provider(q, k, v, membership, owner):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 

@@ -2,8 +2,13 @@
 
 Providers:
   ours       the adapter's packed in-box path through region_attention (Triton on CUDA)
-  released   the released formulation: every image token through each module's norm/to_q/SDPA with
-             a dense boolean mask/to_out, K/V of the ID tokens recomputed in every module
+  released   the released formulation: ID tokens and one dense boolean mask per branch once per
+             forward (the mask built on the device, vectorised: kinder than the release), every
+             image token through each module's norm/to_q/SDPA with the mask/to_out, K/V of the ID
+             tokens recomputed in every module
+  released+loops  the same with the masks built as the released code builds them once per forward:
+             Python loops over images, references, heads and tokens into a CPU bool tensor
+             (B, heads, L, refs * tokens), then copied to the device
 CPU: the tiny preset (batch 2 at 64^2). CUDA: FLUX at full width with reduced depth (2 double +
 4 single blocks, random weights, bf16) and the full-width adapter, 512^2, batch 1-4, 2 faces each
 (the goal: >= 1.25x the released formulation per step).
@@ -18,23 +23,41 @@ import torch
 from idflux.bench_perf.harness import Case
 
 OP = "train_step"
-SUMMARY = [("ours", "released")]
+SUMMARY = [("ours", "released"), ("ours", "released+loops")]
 
 
 class _ReleasedAdapter(torch.nn.Module):
-    """The adapter seen through the released formulation: prepare() keeps the raw identity inputs,
-    apply() runs the dense-mask modules (K/V recomputed per module and step)."""
+    """The adapter seen through the released formulation: prepare() makes the ID tokens and the dense
+    masks once per forward, apply() runs the dense-mask modules (K/V recomputed per module)."""
 
-    def __init__(self, adapter):
+    def __init__(self, adapter, loops: bool = False):
         super().__init__()
         self.adapter = adapter
         self.cfg = adapter.cfg
+        self.loops = loops
 
     def prepare(self, arc, sig, layout, **kw):
-        return {"arc": arc, "sig": sig, "membership": layout.membership}
+        from idflux.bench_perf.bench_region_attention import released_mask_from_membership
+        from idflux.kernels.region_attention_ref import dense_mask_from_membership
+
+        arc_tok, sig_tok = self.adapter.id_tokens(arc, sig)
+        mem, R, cfg = layout.membership, layout.n_refs, self.cfg
+        masks = []
+        for tokens, per_ref in ((arc_tok, cfg.arc_tokens), (sig_tok, cfg.sig_tokens_per_ref)):
+            if tokens is None:
+                masks.append(None)
+            elif self.loops:
+                masks.append(released_mask_from_membership(mem, cfg.heads, per_ref, R, mem.device))
+            else:
+                offs = (torch.arange(R + 1, device=mem.device) * per_ref).expand(mem.shape[0], -1)
+                masks.append(dense_mask_from_membership(mem, offs, tokens.shape[1])[:, None])
+        return {"arc": arc_tok, "sig": sig_tok, "masks": masks}
 
     def apply(self, index, img, ctx):
-        return self.adapter.apply_dense(index, img, ctx["arc"], ctx["sig"], ctx["membership"])
+        out = img + self.adapter.arc_blocks[index].forward_dense(img, ctx["arc"], ctx["masks"][0])
+        if ctx["sig"] is not None:
+            out = out + self.adapter.sig_blocks[index].forward_dense(img, ctx["sig"], ctx["masks"][1])
+        return out
 
 
 def _model(cuda: bool):
@@ -69,11 +92,12 @@ def cases(device: torch.device, quick: bool = False) -> Iterator[Case]:
     ds = build_dataset(cfg)
     ours = model.adapter
     released = _ReleasedAdapter(ours)
+    released_loops = _ReleasedAdapter(ours, loops=True)
     for B in batches[:1] if quick else batches:
         batch = collate([ds.sample(i, cfg.phases[1]) for i in range(B)], device)
         shape = {"batch": B, "image": size, "faces": int(batch.landmarks.shape[0]), "hidden": ours.cfg.hidden,
                  "blocks": ours.cfg.n_blocks}
-        for name, adapter in (("ours", ours), ("released", released)):
+        for name, adapter in (("ours", ours), ("released", released), ("released+loops", released_loops)):
             def step(adapter=adapter):
                 model.adapter = adapter
                 try:
