@@ -5,6 +5,9 @@ warped to 112 x 112 crops. Providers:
   ref                   ``face_warp(backend="torch")``: the PyTorch reference (fit + validation included)
   triton                ``face_warp(backend="triton")`` (CUDA only; fit + validation included)
   triton_nocheck        the same with ``check=False`` (no host sync), as ``IdentityLoss`` calls it
+  triton_scatter_bwd    triton_nocheck with the other backward (atomic scatter into fp32, then a cast)
+  grad_write            ``zero_()`` of an image-sized tensor in the images' dtype: the bound of the
+                        backward, which must write the dense image gradient (bwd only)
   grid_sample_bicubic   ``images[image_index]`` + ``F.affine_grid`` + ``F.grid_sample`` bicubic with a
                         per-face 6-DOF affine: the released way
   grid_sample_bilinear  the same, bilinear
@@ -33,9 +36,10 @@ SUMMARY = [
     ("ref", "grid_sample_bicubic"), ("ref", "grid_sample_bilinear"),
     ("triton", "grid_sample_bicubic"), ("triton", "grid_sample_bilinear"), ("triton", "kornia"),
     ("triton_nocheck", "grid_sample_bicubic"), ("triton_nocheck", "grid_sample_bilinear"),
+    ("triton_nocheck", "triton_scatter_bwd"), ("grad_write", "triton_nocheck"),
 ]
 # Providers with no host sync: also timed from a CUDA-graph replay (device time).
-CAPTURABLE = {"triton_nocheck", "grid_sample_bilinear", "grid_sample_bicubic"}
+CAPTURABLE = {"triton_nocheck", "triton_scatter_bwd", "grid_sample_bilinear", "grid_sample_bicubic", "grad_write"}
 CROP = 112
 FACES_PER_IMAGE = 2
 _TAPS = {"bilinear": 4, "bicubic": 16}
@@ -78,6 +82,21 @@ def kornia_warp(images, matrices, image_index, size=CROP, mode="bilinear", value
     return out * (2 / (hi - lo)) - 1
 
 
+def _with_bwd(strategy: str, fn):
+    """fn run with face_warp's backward strategy set to ``strategy`` (read when the backward runs)."""
+    import importlib
+
+    fw = importlib.import_module("idflux.kernels.face_warp")  # the module, not the function of that name
+
+    def run():
+        saved, fw.BWD = fw.BWD, strategy
+        try:
+            return fn()
+        finally:
+            fw.BWD = saved
+    return run
+
+
 def random_faces(batch: int, height: int, width: int, per_image: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Landmarks (batch * per_image, 5, 2) of faces ~width/4 wide inside the images, and their image index."""
     n = batch * per_image
@@ -103,7 +122,7 @@ def cases(device: torch.device, quick: bool) -> Iterator[Case]:
         sweep = [(b, s, "fp32") for s in (512, 1024) for b in (1, 8, 32)] + [(b, 1024, "bf16") for b in (1, 8, 32)]
     else:
         sweep = [(1, 512, "fp32")] + ([] if quick else [(4, 512, "fp32")])
-    providers = ["ref"] + (["triton", "triton_nocheck"] if device.type == "cuda" and HAS_TRITON else [])
+    providers = ["ref"] + (["triton", "triton_nocheck", "triton_scatter_bwd"] if device.type == "cuda" and HAS_TRITON else [])
     try:
         import kornia  # noqa: F401
 
@@ -123,7 +142,7 @@ def cases(device: torch.device, quick: bool) -> Iterator[Case]:
         for interp in ("bilinear", "bicubic"):
             shape = {"B": batch, "H": side, "W": side, "faces": n_faces, "size": CROP, "interp": interp}
             fns = {p: (lambda p=p, interp=interp: face_warp(images, lmk, index, size=CROP, interpolation=interp,
-                                                            backend="torch" if p == "ref" else "triton", check=p != "triton_nocheck"))
+                                                            backend="torch" if p == "ref" else "triton", check=p == "triton"))
                    for p in providers}
             fns[f"grid_sample_{interp}"] = lambda interp=interp: grid_sample_warp(images, matrices, index, CROP, interp)
             if has_kornia:
@@ -135,5 +154,11 @@ def cases(device: torch.device, quick: bool) -> Iterator[Case]:
             for provider, forward in fns.items():
                 note = "" if provider.startswith(("ref", "triton")) else "matrices precomputed"
                 for mode, fn in mode_fns(forward, [images]).items():
+                    if provider == "triton_scatter_bwd":  # the strategy is read when the backward runs
+                        fn = _with_bwd("scatter", fn)
                     yield Case(OP, provider, mode, shape, dtype_name, fn, flops=work[mode][0], bytes=work[mode][1], note=note,
                                graph=provider in CAPTURABLE)
+            grad_buf = torch.empty_like(images)
+            yield Case(OP, "grad_write", "bwd", shape, dtype_name, grad_buf.zero_, bytes=images.numel() * elem,
+                       note="zero_() of the image gradient: the backward's bound", graph=True)
+            del grad_buf

@@ -9,8 +9,11 @@ accumulation (float64 for float64 images on the PyTorch path). Gradients flow to
 
 Triton path (kernel -> launcher -> ``FaceWarpFunction`` -> ``face_warp``): one fit launch for all faces
 (closed-form similarity / 6-DOF least squares in fp32, (F, 2, 3) matrices + a degenerate flag), one
-warp launch over (face, tile of crop pixels) for all channels, and a backward that scatters into an
-fp32 image gradient with atomics, then casts. No host sync or Python loop over faces in the kernels;
+warp launch over (face, tile of crop pixels) for all channels, and a backward that gathers: one
+program per tile of image pixels maps each pixel back into the crops of the faces whose footprint
+meets the tile and sums the crop gradients whose taps reach it, so the dense image gradient is
+written once, in the image dtype, without atomics or an fp32 buffer, deterministically (the
+atomic scatter into an fp32 buffer stays selectable: ``BWD = "scatter"``). No host sync or Python loop over faces in the kernels;
 the validation in ``face_warp`` reads one flag pair back (index range, NaN/degenerate landmarks), unless
 ``check=False``: then invalid faces (see :func:`face_warp_valid`) get black crops and no gradient
 through a device-side ``torch.where`` on their matrices, and the call never syncs.
@@ -232,6 +235,85 @@ if HAS_TRITON:
             g = tl.load(g_ptr + c * stride_gc, mask=live, other=0.0).to(tl.float32) * out_scale
             tl.atomic_add(dst + c * H * W, w * g[:, None], mask=valid, sem="relaxed")
 
+    @triton.jit
+    def _cubic(t):
+        """Keys cubic weight (a = CUBIC_A) of |distance| t; 0 from 2 on."""
+        return tl.where(t <= 1, ((_A + 2) * t - (_A + 3)) * t * t + 1,
+                        tl.where(t < 2, ((_A * t - 5 * _A) * t + 8 * _A) * t - 4 * _A, 0.0))
+
+    @triton.jit
+    def _face_warp_bwd_gather_kernel(
+        gout_ptr, table_ptr, order_ptr, start_ptr, gimg_ptr,
+        stride_gf, stride_gc, stride_gh, stride_gw,
+        C, H, W, S, tiles_x, tiles_per_image, out_scale,
+        BICUBIC: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """Program (image, pixel tile): the exact image gradient of TILE_H x TILE_W pixels, gathered.
+
+        For every face of the image whose footprint meets the tile, each pixel maps back into the
+        crop (inverse matrix) and visits the crop pixels whose sample point lies within the tap
+        support of it, adding out_scale * w * grad_out. Every pixel is written once, in the
+        image dtype (zeros where no face reaches): no atomics, no fp32 buffer, deterministic.
+        table rows (16 fp32): crop -> image matrix (6), its inverse's 2x2 (4), footprint x0, x1,
+        y0, y1 (tap support included), window radii Ru, Rv in crop pixels.
+        """
+        pid = tl.program_id(0)
+        b = pid // tiles_per_image
+        t = pid % tiles_per_image
+        k = tl.arange(0, TILE_H * TILE_W)
+        py = (t // tiles_x) * TILE_H + k // TILE_W
+        px = (t % tiles_x) * TILE_W + k % TILE_W
+        live = (py < H) & (px < W)
+        pxf = px.to(tl.float32)
+        pyf = py.to(tl.float32)
+        cc = tl.arange(0, BLOCK_C)
+        cmask = cc < C
+        acc = tl.zeros([BLOCK_C, TILE_H * TILE_W], tl.float32)  # pixels last: contiguous stores
+        tx0 = ((t % tiles_x) * TILE_W).to(tl.float32)
+        ty0 = ((t // tiles_x) * TILE_H).to(tl.float32)
+        for j in range(tl.load(start_ptr + b), tl.load(start_ptr + b + 1)):
+            f = tl.load(order_ptr + j).to(tl.int64)
+            row = table_ptr + f * 16
+            fx0, fx1 = tl.load(row + 10), tl.load(row + 11)
+            fy0, fy1 = tl.load(row + 12), tl.load(row + 13)
+            meets = (fx1 > tx0) & (fx0 < tx0 + TILE_W - 1) & (fy1 > ty0) & (fy0 < ty0 + TILE_H - 1)
+            if meets:
+                m0, m1, m2 = tl.load(row), tl.load(row + 1), tl.load(row + 2)
+                m3, m4, m5 = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+                i0, i1, i2, i3 = tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), tl.load(row + 9)
+                ru = tl.load(row + 14).to(tl.int32)
+                rv = tl.load(row + 15).to(tl.int32)
+                uc = i0 * (pxf - m2) + i1 * (pyf - m5)
+                vc = i2 * (pxf - m2) + i3 * (pyf - m5)
+                ub = tl.floor(uc).to(tl.int32)
+                vb = tl.floor(vc).to(tl.int32)
+                g_face = gout_ptr + f * stride_gf + cc[:, None] * stride_gc
+                for dv in range(-rv, rv + 2):
+                    v = vb + dv
+                    for du in range(-ru, ru + 2):
+                        u = ub + du
+                        inside = live & (u >= 0) & (u < S) & (v >= 0) & (v < S)
+                        uf = u.to(tl.float32)
+                        vf = v.to(tl.float32)
+                        # The sample point of crop pixel (u, v), computed as the forward computes it.
+                        x = m0 * uf + m1 * vf + m2
+                        y = m3 * uf + m4 * vf + m5
+                        x = tl.minimum(tl.maximum(x, -3.0), W + 2.0)
+                        y = tl.minimum(tl.maximum(y, -3.0), H + 2.0)
+                        ax = tl.abs(x - pxf)
+                        ay = tl.abs(y - pyf)
+                        if BICUBIC:
+                            w = _cubic(ax) * _cubic(ay)
+                        else:
+                            w = tl.maximum(1 - ax, 0.0) * tl.maximum(1 - ay, 0.0)
+                        w = tl.where(inside, w, 0.0)
+                        use = inside & (w != 0)
+                        g = tl.load(g_face + v.to(tl.int64)[None, :] * stride_gh + u.to(tl.int64)[None, :] * stride_gw,
+                                    mask=cmask[:, None] & use[None, :], other=0.0).to(tl.float32)
+                        acc += w[None, :] * g
+        dst = gimg_ptr + b.to(tl.int64) * C * H * W + cc[:, None].to(tl.int64) * H * W + (py * W + px)[None, :]
+        tl.store(dst, (acc * out_scale).to(gimg_ptr.dtype.element_ty), mask=cmask[:, None] & live[None, :])
+
 
 def _block(bicubic: bool) -> int:
     # Interpreter: few big programs (each costs ~1 ms); GPU: ~2k taps per program.
@@ -256,9 +338,58 @@ def _fit_triton(landmarks: torch.Tensor, size: int, transform: str) -> tuple[tor
     return matrices, flags.bool()
 
 
+#: How the backward produces the image gradient: "gather" (each pixel tile gathers from the crop
+#: pixels whose taps reach it: every pixel written once in the image dtype, no atomics, no fp32
+#: buffer, deterministic) or "scatter" (each crop pixel adds into a zeroed fp32 gradient with
+#: atomics, then a cast). A knob for tuning runs; both are tested.
+BWD = "gather"
+_TILE_H, _TILE_W = (16, 32) if INTERPRET else (16, 64)
+
+
+def _gather_table(matrices: torch.Tensor, size: int, bicubic: bool) -> torch.Tensor:
+    """(F, 16) fp32 per face: crop -> image matrix (6), inverse 2x2 (4), image footprint x0, x1, y0, y1
+    of its sample points widened by the tap support, window radii Ru, Rv (crop pixels). No sync."""
+    m = matrices.double()
+    a00, a01, t0 = m[:, 0, 0], m[:, 0, 1], m[:, 0, 2]
+    a10, a11, t1 = m[:, 1, 0], m[:, 1, 1], m[:, 1, 2]
+    det = a00 * a11 - a01 * a10
+    det = torch.where(det.abs() > 1e-12, det, torch.ones_like(det))  # only black faces (never reached) are singular
+    i00, i01, i10, i11 = a11 / det, -a01 / det, -a10 / det, a00 / det
+    support = 2.0 if bicubic else 1.0
+    corners = torch.tensor([[0.0, 0.0], [size - 1.0, 0.0], [0.0, size - 1.0], [size - 1.0, size - 1.0]],
+                           dtype=torch.float64, device=m.device)
+    xs = a00[:, None] * corners[:, 0] + a01[:, None] * corners[:, 1] + t0[:, None]
+    ys = a10[:, None] * corners[:, 0] + a11[:, None] * corners[:, 1] + t1[:, None]
+    ru = torch.ceil(support * (i00.abs() + i01.abs()))
+    rv = torch.ceil(support * (i10.abs() + i11.abs()))
+    cols = [a00, a01, t0, a10, a11, t1, i00, i01, i10, i11, xs.amin(1) - support, xs.amax(1) + support,
+            ys.amin(1) - support, ys.amax(1) + support, ru.clamp(max=size), rv.clamp(max=size)]
+    return torch.stack(cols, 1).float().contiguous()
+
+
+def _backward_gather(grad_out, matrices, image_index, shape, dtype, size, bicubic, out_scale):
+    B, C, H, W = shape
+    grad = torch.empty(shape, device=grad_out.device, dtype=dtype)
+    if grad.numel() == 0:
+        return grad
+    table = _gather_table(matrices, size, bicubic)
+    idx = image_index.long()
+    order = torch.argsort(idx, stable=True).to(torch.int32)
+    counts = torch.zeros(B, dtype=torch.int64, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
+    start = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(torch.int32)
+    tiles_x, tiles_y = triton.cdiv(W, _TILE_W), triton.cdiv(H, _TILE_H)
+    _face_warp_bwd_gather_kernel[(B * tiles_x * tiles_y,)](
+        grad_out, table, order, start, grad,
+        *grad_out.stride(),
+        C, H, W, size, tiles_x, tiles_x * tiles_y, out_scale,
+        BICUBIC=bicubic, TILE_H=_TILE_H, TILE_W=_TILE_W, BLOCK_C=max(2, triton.next_power_of_2(C)), num_warps=4,
+    )
+    return grad
+
+
 class FaceWarpFunction(torch.autograd.Function):
     """Triton warp: images (B, C, H, W), crop -> image matrices (F, 2, 3) fp32, image_index (F,) ->
-    crops (F, C, S, S) in images.dtype; gradient to images only (fp32 atomics, then cast)."""
+    crops (F, C, S, S) in images.dtype; gradient to images only (gathered per pixel tile; see BWD)."""
 
     @staticmethod
     def forward(ctx, images, matrices, image_index, size, bicubic, lo, hi):
@@ -280,6 +411,9 @@ class FaceWarpFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         matrices, image_index = ctx.saved_tensors
         shape, dtype, size, bicubic, out_scale = ctx.meta
+        if BWD == "gather":
+            return _backward_gather(grad_out, matrices, image_index, shape, dtype, size, bicubic, out_scale), \
+                None, None, None, None, None, None
         _, C, H, W = shape
         grad = torch.zeros(shape, device=grad_out.device, dtype=torch.float32)
         block = _block(bicubic)

@@ -348,7 +348,11 @@ def test_triton_interpreter_matches_reference(interpolation, transform):
 
 
 @needs_interpreter
-def test_triton_interpreter_size_112_strides_and_index_dtype():
+def test_triton_interpreter_size_112_strides_and_index_dtype(monkeypatch):
+    # Faces of a few pixels blown up to 112: each image pixel gathers from a ~100 x 100 crop window,
+    # minutes in the interpreter. The gather path's large windows are covered at a smaller size
+    # below (test_gather_backward_...); strides and index dtype here go through the scatter path.
+    monkeypatch.setattr(_face_warp_module(), "BWD", "scatter")
     images, lmk, index = random_problem(2, 3, 24, 20, 3, seed=12)
     junk = torch.full_like(images, float("nan"))
     view = torch.stack([images, junk], -1).flatten(-2)[..., ::2]  # W stride 2, NaN between the pixels
@@ -549,3 +553,95 @@ def test_face_warp_valid_arguments():
         args = dict(dict(landmarks=lmk, image_index=index, n_images=2), **kwargs)
         with pytest.raises(ValueError, match=argname):
             face_warp_valid(args.pop("landmarks"), args.pop("image_index"), args.pop("n_images"), **args)
+
+
+def _face_warp_module():
+    import importlib
+
+    return importlib.import_module("idflux.kernels.face_warp")  # the module (the package exports the function)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("interpolation", INTERPS)
+@pytest.mark.parametrize("case", ["downsampled", "upsampled", "overlapping_and_outside"])
+def test_gather_backward_matches_scatter_and_reference(monkeypatch, interpolation, case):
+    """The default backward gathers per pixel tile; it must equal the atomic scatter and autograd of
+    the reference: faces larger than the crop (small windows), smaller (windows of ~10 crop pixels),
+    overlapping faces, faces partly outside, an image with no face."""
+    fw = _face_warp_module()
+    g = torch.Generator().manual_seed(5)
+    if case == "downsampled":  # faces of 8-48 pixels into 8 x 8 crops
+        images = random_problem(2, 3, 40, 72, 1, seed=21)[0]
+        lmk, index, size = random_landmarks(3, 40, 72, g), torch.tensor([0, 0, 0]), 8
+    elif case == "upsampled":  # faces of ~16 and ~22 pixels into 32 x 32 crops: windows of ~10 crop pixels
+        images = random_problem(1, 3, 30, 34, 1, seed=22)[0]
+        t = arcface_template(112, dtype=torch.float32)
+        lmk = torch.stack([t * 0.14 + torch.tensor([3.0, 2.0]), (t - 56) * 0.2 @ torch.tensor([[0.96, 0.28], [-0.28, 0.96]]) + 20])
+        index, size = torch.tensor([0, 0]), 32
+    else:
+        images, _, _ = random_problem(3, 2, 30, 26, 1, seed=23)
+        lmk = random_landmarks(4, 30, 26, g)
+        lmk[1] = lmk[0] + 1.5   # overlaps face 0
+        lmk[2] = lmk[2] - 12.0  # partly off the image
+        index, size = torch.tensor([2, 2, 0, 2]), 12  # image 1 has no face
+    assert fw.BWD == "gather"
+    out_t, out_r, g_gather, g_ref = _triton_vs_reference(images, lmk, index, size, "similarity", interpolation)
+    torch.testing.assert_close(g_gather, g_ref, atol=1e-4, rtol=1e-4, msg="gather vs reference autograd")
+    monkeypatch.setattr(fw, "BWD", "scatter")
+    grad_out = torch.randn(out_r.shape, generator=torch.Generator().manual_seed(1))
+    x = images.clone().requires_grad_()
+    (g_scatter,) = torch.autograd.grad(face_warp(x, lmk, index, size=size, interpolation=interpolation, backend="triton"), x, grad_out)
+    monkeypatch.setattr(fw, "BWD", "gather")
+    x = images.clone().requires_grad_()
+    (g_gather,) = torch.autograd.grad(face_warp(x, lmk, index, size=size, interpolation=interpolation, backend="triton"), x, grad_out)
+    torch.testing.assert_close(g_gather, g_scatter, atol=1e-5, rtol=1e-5, msg="gather vs scatter")
+    if case == "overlapping_and_outside":
+        assert torch.equal(g_gather[1], torch.zeros_like(g_gather[1])), "an image without faces gets exactly 0"
+
+
+def test_gather_table_windows_cover_every_tap():
+    """Window radii from the inverse matrix: every crop pixel whose sample point lies within the tap
+    support of a pixel is inside that pixel's window (checked by brute force)."""
+    fw = _face_warp_module()
+    g = torch.Generator().manual_seed(3)
+    lmk = random_landmarks(3, 40, 40, g)
+    for size, bicubic in ((12, True), (30, False), (30, True)):
+        m = face_warp_matrices(lmk, size=size).float()
+        table = fw._gather_table(m, size, bicubic)
+        s = 2.0 if bicubic else 1.0
+        u, v = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="xy")
+        for f in range(3):
+            x = m[f, 0, 0] * u + m[f, 0, 1] * v + m[f, 0, 2]
+            y = m[f, 1, 0] * u + m[f, 1, 1] * v + m[f, 1, 2]
+            assert table[f, 10] <= x.min() - s + 1e-4 and table[f, 11] >= x.max() + s - 1e-4, "footprint x"
+            assert table[f, 12] <= y.min() - s + 1e-4 and table[f, 13] >= y.max() + s - 1e-4, "footprint y"
+            for px, py in ((3, 5), (17, 20), (25, 11)):
+                near = ((x - px).abs() < s) & ((y - py).abs() < s)
+                if not near.any():
+                    continue
+                uc = table[f, 6] * (px - table[f, 2]) + table[f, 7] * (py - table[f, 5])
+                vc = table[f, 8] * (px - table[f, 2]) + table[f, 9] * (py - table[f, 5])
+                ru, rv = int(table[f, 14]), int(table[f, 15])
+                du = u[near] - torch.floor(uc)
+                dv = v[near] - torch.floor(vc)
+                assert (du >= -ru).all() and (du <= ru + 1).all() and (dv >= -rv).all() and (dv <= rv + 1).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_backward_cuda_is_deterministic_and_matches_scatter(monkeypatch, dtype):
+    fw = _face_warp_module()
+    images, lmk, index = random_problem(4, 3, 512, 512, 8, seed=31)
+    images, lmk, index = images.cuda().to(dtype), lmk.cuda(), index.cuda()
+    grad_out = torch.randn(8, 3, 112, 112, device="cuda", dtype=dtype)
+
+    def grad():
+        x = images.clone().requires_grad_()
+        return torch.autograd.grad(face_warp(x, lmk, index, interpolation="bicubic"), x, grad_out)[0]
+
+    a, b = grad(), grad()
+    assert a.dtype == dtype and torch.equal(a, b), "gather backward must be bitwise deterministic"
+    monkeypatch.setattr(fw, "BWD", "scatter")
+    c = grad()
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(a.float(), c.float(), **tol)
