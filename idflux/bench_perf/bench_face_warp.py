@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from idflux.bench_perf.harness import Case, mode_fns
+from idflux.bench_perf.harness import Case, mode_fns, with_setting
 from idflux.kernels._backend import HAS_TRITON
 from idflux.kernels.face_warp import face_warp, face_warp_matrices
 from idflux.kernels.face_warp_ref import arcface_template
@@ -80,21 +80,6 @@ def kornia_warp(images, matrices, image_index, size=CROP, mode="bilinear", value
     to_crop = torch.linalg.inv(full)[:, :2].to(images.dtype)
     out = warp_affine(images[image_index] - lo, to_crop, (size, size), mode=mode, padding_mode="zeros", align_corners=True)
     return out * (2 / (hi - lo)) - 1
-
-
-def _with_bwd(strategy: str, fn):
-    """fn run with face_warp's backward strategy set to ``strategy`` (read when the backward runs)."""
-    import importlib
-
-    fw = importlib.import_module("idflux.kernels.face_warp")  # the module, not the function of that name
-
-    def run():
-        saved, fw.BWD = fw.BWD, strategy
-        try:
-            return fn()
-        finally:
-            fw.BWD = saved
-    return run
 
 
 def random_faces(batch: int, height: int, width: int, per_image: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +140,7 @@ def cases(device: torch.device, quick: bool) -> Iterator[Case]:
                 note = "" if provider.startswith(("ref", "triton")) else "matrices precomputed"
                 for mode, fn in mode_fns(forward, [images]).items():
                     if provider == "triton_scatter_bwd":  # the strategy is read when the backward runs
-                        fn = _with_bwd("scatter", fn)
+                        fn = with_setting("idflux.kernels.face_warp", "BWD", "scatter", fn)
                     yield Case(OP, provider, mode, shape, dtype_name, fn, flops=work[mode][0], bytes=work[mode][1], note=note,
                                graph=provider in CAPTURABLE)
             grad_buf = torch.empty_like(images)

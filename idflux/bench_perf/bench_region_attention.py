@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from idflux.bench_perf.harness import Case, mode_fns
+from idflux.bench_perf.harness import Case, mode_fns, with_setting
 from idflux.engine.regions import TOKEN_PIXELS, box_token_range, boxes_to_membership
 from idflux.kernels import region_attention, region_attention_packed
 from idflux.kernels._backend import HAS_TRITON
@@ -176,7 +176,8 @@ def cases(device: torch.device, quick: bool = False) -> Iterator[Case]:
             if name == "triton":  # the other backward strategy, for comparison in the same run
                 for mode, fn in _safe_modes(fwd, inputs).items():
                     if mode != "fwd":
-                        yield Case(OP, "triton_atomic_bwd", mode, shape, dname, _with_bwd("atomic", fn),
+                        atomic = with_setting("idflux.kernels.region_attention", "BWD_DKDV", "atomic", fn)
+                        yield Case(OP, "triton_atomic_bwd", mode, shape, dname, atomic,
                                    flops=flops[mode], bytes=nbytes[mode], note="dk/dv by fp32 atomics from every query tile",
                                    graph=True)
         yield Case(OP, "mask_build", "fwd", shape, dname,
@@ -187,20 +188,6 @@ def cases(device: torch.device, quick: bool = False) -> Iterator[Case]:
         yield Case(OP, "copy", "fwd", shape, dname, lambda: dst.copy_(src), bytes=nbytes["fwd"],
                    note="copy_ of the forward's bytes", graph=True)
         del mask, providers
-
-
-def _with_bwd(strategy: str, fn):
-    import importlib
-
-    ra = importlib.import_module("idflux.kernels.region_attention")  # the module, not the function of that name
-
-    def run():
-        saved, ra.BWD_DKDV = ra.BWD_DKDV, strategy
-        try:
-            return fn()
-        finally:
-            ra.BWD_DKDV = saved
-    return run
 
 
 def _replanned(fn):

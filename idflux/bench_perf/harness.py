@@ -87,6 +87,23 @@ def mode_fns(forward: Callable[[], torch.Tensor], inputs: Sequence[torch.Tensor]
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
 
 
+def with_setting(module: str, name: str, value, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn run with the module-level knob ``module.name`` set to ``value`` (restored after each call):
+    a provider for the other strategy of an op (read when the op runs, e.g. in its backward)."""
+    import importlib
+
+    mod = importlib.import_module(module)  # the module, even where a package exports a function of that name
+
+    def run():
+        saved = getattr(mod, name)
+        setattr(mod, name, value)
+        try:
+            return fn()
+        finally:
+            setattr(mod, name, saved)
+    return run
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -244,12 +244,18 @@ def _bad_inputs():
     ]
 
 
-@pytest.mark.parametrize("i", range(len(_bad_inputs())))
-def test_bad_input_raises_value_error_naming_the_argument(i):
+def _bad_call(i):
+    """(positional args g/pos/negatives, the remaining bad keyword args, the argument's name) of case i."""
     g, pos, bank, _ = make_case(3, 8, 10, "shared")
     bad, name = _bad_inputs()[i]
     args = dict(g=g, pos=pos, negatives=bank)
     args.update({k: bad.pop(k) for k in list(bad) if k in args})
+    return args, bad, name
+
+
+@pytest.mark.parametrize("i", range(len(_bad_inputs())))
+def test_bad_input_raises_value_error_naming_the_argument(i):
+    args, bad, name = _bad_call(i)
     with pytest.raises(ValueError, match=rf"cosine_infonce: {name}\b"):
         cosine_infonce(args["g"], args["pos"], args["negatives"], **bad)
 
@@ -257,10 +263,7 @@ def test_bad_input_raises_value_error_naming_the_argument(i):
 @pytest.mark.parametrize("i", range(len(_bad_inputs())))
 def test_check_false_keeps_every_check_but_the_index_range(i):
     """check=False skips only the neg_index range check (the one that reads data back)."""
-    g, pos, bank, _ = make_case(3, 8, 10, "shared")
-    bad, name = _bad_inputs()[i]
-    args = dict(g=g, pos=pos, negatives=bank)
-    args.update({k: bad.pop(k) for k in list(bad) if k in args})
+    args, bad, name = _bad_call(i)
     idx = bad.get("neg_index")
     values_only = isinstance(idx, torch.Tensor) and idx.dtype == torch.long and idx.shape == (3, 4)  # idx + 10, idx - 1
     if not values_only:
