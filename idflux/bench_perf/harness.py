@@ -114,7 +114,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, min_reps: int = 3
     if device.type == "cuda":
         import triton.testing
 
-        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=10, rep=50, quantiles=[0.5, 0.2, 0.8])
         return float(med), float(p20), float(p80)
     fn()  # warm-up: first-call allocations, lazy init
     samples: list[float] = []
@@ -128,8 +128,8 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, min_reps: int = 3
     return statistics.median(samples), q[1], q[7]
 
 
-def graph_time_fn(fn: Callable[[], object], device: torch.device, *, target_ms: float = 20.0,
-                  max_calls: int = 200, replays: int = 10) -> tuple[float, float, float]:
+def graph_time_fn(fn: Callable[[], object], device: torch.device, *, target_ms: float = 10.0,
+                  max_calls: int = 200, replays: int = 7) -> tuple[float, float, float]:
     """(median, p20, p80) ms per call of ``fn`` replayed from a CUDA graph: device time only.
 
     ``fn`` must not sync with the host. It is warmed up eagerly (caches, compiles, autotuning), then
