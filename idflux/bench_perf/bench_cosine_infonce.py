@@ -11,7 +11,9 @@ Providers:
   first compile takes ~15 s on 2 cores, too long for the CPU demo).
 
 Modes fwd, bwd, fwd+bwd (gradients to g and pos). CUDA sweep: N in {8, 64, 256}, M in
-{4096, 65536}, D = 512, bf16 and fp32, gallery of K = max(2M, 8192) rows. Providers that gather
+{4096, 65536}, D = 512, bf16 and fp32, gallery of K = max(2M, 8192) rows; then a bank shared by
+every row (no neg_index: the row-tiled kernel from 16 rows on; ``gathered_ce`` is then plain
+normalise + matmul + cross-entropy) at N in {64, 256}, M in {4096, 65536}, bf16. Providers that gather
 are left out where the fp32 (N, M, D) tensor would pass 12 GiB (N = 256, M = 65536): they would
 not fit an 80 GB card with their backward. bytes = bank rows read (N*M*D*elt) + g and pos
 (+ their gradients for fwd+bwd); flops = 2*N*M*D per pass over the candidates (similarities in
@@ -41,12 +43,16 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def gathered_ce(g, pos, negatives, neg_index, tau=TAU):
-    """The released formulation: an explicit (N, M, D) negatives tensor, normalise, bmm, cross-entropy."""
-    negs = F.normalize(negatives[neg_index], dim=-1, eps=EPS)  # (N, M, D)
+    """The released formulation: an explicit (N, M, D) negatives tensor, normalise, bmm, cross-entropy
+    (neg_index None: a shared bank, normalise + matmul + cross-entropy)."""
     u = F.normalize(g, dim=-1, eps=EPS)
     v = F.normalize(pos, dim=-1, eps=EPS)
     s_pos = (u * v).sum(-1, keepdim=True)
-    s_neg = torch.bmm(negs, u[:, :, None]).squeeze(-1)
+    if neg_index is None:
+        s_neg = u @ F.normalize(negatives, dim=-1, eps=EPS).T
+    else:
+        negs = F.normalize(negatives[neg_index], dim=-1, eps=EPS)  # (N, M, D)
+        s_neg = torch.bmm(negs, u[:, :, None]).squeeze(-1)
     logits = torch.cat([s_pos, s_neg], dim=1).float() / tau
     return F.cross_entropy(logits, torch.zeros(g.shape[0], dtype=torch.long, device=g.device))
 
@@ -62,13 +68,15 @@ def _compile_ref():
 
 
 def _sizes(device: torch.device, quick: bool):
-    """(N, M, D, dtype name) of the sweep."""
+    """(N, M, D, dtype name, shared bank) of the sweep."""
     if device.type == "cuda":
         Ns, Ms, dts = ((8, 64), (4096,), ("bf16",)) if quick else ((8, 64, 256), (4096, 65536), ("bf16", "fp32"))
-        return [(N, M, 512, dt) for dt in dts for M in Ms for N in Ns]
+        gallery = [(N, M, 512, dt, False) for dt in dts for M in Ms for N in Ns]
+        shared = [] if quick else [(N, M, 512, "bf16", True) for M in (4096, 65536) for N in (64, 256)]
+        return gallery + shared
     if quick:
-        return [(4, 256, 64, "fp32")]
-    return [(8, 4096, 512, "fp32"), (64, 1024, 512, "fp32")]
+        return [(4, 256, 64, "fp32", False)]
+    return [(8, 4096, 512, "fp32", False), (64, 1024, 512, "fp32", False)]
 
 
 def _providers(device: torch.device, gathered_fp32_bytes: int) -> list[str]:
@@ -82,18 +90,18 @@ def _providers(device: torch.device, gathered_fp32_bytes: int) -> list[str]:
 
 def cases(device: torch.device, quick: bool) -> Iterator[Case]:
     """Yield the Cases of one size and provider at a time (their tensors are freed before the next)."""
-    for N, M, D, dt in _sizes(device, quick):
+    for N, M, D, dt, shared in _sizes(device, quick):
         dtype = _DTYPES[dt]
-        K = max(2 * M, 8192)
+        K = M if shared else max(2 * M, 8192)
         gen = torch.Generator(device=device).manual_seed(0)
         pos = torch.randn(N, D, device=device, generator=gen).to(dtype)
         g = (pos.float() + torch.randn(N, D, device=device, generator=gen)).to(dtype).requires_grad_()
         pos.requires_grad_()
         bank = torch.randn(K, D, device=device, generator=gen).to(dtype)
-        neg_index = torch.randint(0, K, (N, M), device=device, generator=gen)
+        neg_index = None if shared else torch.randint(0, K, (N, M), device=device, generator=gen)
         elt = bank.element_size()
         io = 2 * N * D * elt
-        shape = {"N": N, "M": M, "D": D, "K": K}
+        shape = {"N": N, "M": M, "D": D, "K": K, "bank": "shared" if shared else "gallery"}
         forwards = {
             "triton": lambda: cosine_infonce(g, pos, bank, neg_index=neg_index, tau=TAU, backend="triton"),
             "triton_nocheck": lambda: cosine_infonce(g, pos, bank, neg_index=neg_index, tau=TAU, backend="triton", check=False),
@@ -101,12 +109,13 @@ def cases(device: torch.device, quick: bool) -> Iterator[Case]:
             "gathered_ce": lambda: gathered_ce(g, pos, bank, neg_index),
             "compile_ref": lambda: _compile_ref()(g, pos, bank, neg_index=neg_index, tau=TAU),
         }
-        for provider in _providers(device, N * M * D * 4):
+        note = "a bank shared by every row; tau=0.1" if shared else "neg_index into a gallery bank; tau=0.1"
+        read = (K * D * elt) if shared else N * M * D * elt  # a shared bank need only be read once
+        for provider in _providers(device, N * M * 4 if shared else N * M * D * 4):
             fns = mode_fns(forwards[provider], [g, pos])
             for mode in MODES:
                 passes = 2 if mode == "fwd+bwd" else 1
-                nbytes = None if mode == "bwd" else N * M * D * elt + io * passes
+                nbytes = None if mode == "bwd" else read + io * passes
                 yield Case(op=OP, provider=provider, mode=mode, shape=shape, dtype=dt, fn=fns[mode],
-                           flops=2.0 * N * M * D * passes, bytes=nbytes,
-                           note="neg_index into a gallery bank; tau=0.1", graph=provider in CAPTURABLE)
+                           flops=2.0 * N * M * D * passes, bytes=nbytes, note=note, graph=provider in CAPTURABLE)
             del fns

@@ -111,6 +111,80 @@ def _cosine_infonce_fwd_kernel(
 
 
 @triton.jit
+def _cosine_infonce_shared_fwd_kernel(
+    g_ptr, pos_ptr, bank_ptr, ids_ptr, nid_ptr,
+    part_m_ptr, part_l_ptr, part_acc_ptr, s_ib_ptr,
+    stride_gn, stride_gd, stride_pn, stride_pd, stride_bk, stride_bd, stride_ids, stride_nid,
+    N, M, D, C, TILES_PER_SPLIT, SPLITS, inv_tau, eps,
+    IN_BATCH: tl.constexpr, HAS_IDS: tl.constexpr, HAS_NEG_IDS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Program (row tile, split) for a bank shared by all rows: the same partials as
+    ``_cosine_infonce_fwd_kernel`` for BLOCK_R rows at once, so each bank tile is read once per row
+    tile (not once per row) and both products (similarities, softmax-weighted sum) are tensor-core
+    dots, flash-attention style with one query per row."""
+    rt = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = (rt * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    rmask = rows < N
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    gx = tl.load(g_ptr + rows[:, None] * stride_gn + d[None, :] * stride_gd,
+                 mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    u = gx / tl.maximum(tl.sqrt(tl.sum(gx * gx, 1)), eps)[:, None]
+    op_dtype = bank_ptr.dtype.element_ty
+    u_op = u if IEEE else u.to(op_dtype)
+    if HAS_IDS:
+        my_id = tl.load(ids_ptr + rows * stride_ids, mask=rmask, other=0).to(tl.int64)
+    m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    start = split * TILES_PER_SPLIT * BLOCK_M
+    for t in range(0, TILES_PER_SPLIT):
+        j = start + t * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_bank = j < M
+        x = tl.load(bank_ptr + j.to(tl.int64)[:, None] * stride_bk + d[None, :] * stride_bd,
+                    mask=in_bank[:, None] & dmask[None, :], other=0.0)
+        keep = (j < C)[None, :] & rmask[:, None]
+        if HAS_NEG_IDS:
+            nid = tl.load(nid_ptr + j.to(tl.int64) * stride_nid, mask=in_bank, other=0).to(tl.int64)
+            keep = keep & ((j >= M)[None, :] | (nid[None, :] != my_id[:, None]))
+        if IN_BATCH:
+            in_ib = (j >= M) & (j < C)
+            prow = (j - M).to(tl.int64)  # negative on bank lanes, which are masked
+            x += tl.load(pos_ptr + prow[:, None] * stride_pn + d[None, :] * stride_pd,
+                         mask=in_ib[:, None] & dmask[None, :], other=0.0).to(x.dtype)
+            ib_keep = prow[None, :] != rows[:, None]
+            if HAS_IDS:
+                pid = tl.load(ids_ptr + prow * stride_ids, mask=in_ib, other=0).to(tl.int64)
+                ib_keep = ib_keep & (pid[None, :] != my_id[:, None])
+            keep = keep & ((j < M)[None, :] | ib_keep)
+        xf = x.to(tl.float32)
+        inv_n = 1.0 / tl.maximum(tl.sqrt(tl.sum(xf * xf, 1)), eps)
+        if IEEE:
+            dots = tl.dot(u_op, tl.trans(xf), input_precision="ieee")
+        else:
+            dots = tl.dot(u_op, tl.trans(x))
+        s = tl.where(keep, dots * inv_n[None, :] * inv_tau, float("-inf"))
+        if IN_BATCH:
+            tl.store(s_ib_ptr + rows[:, None] * N + prow[None, :], s, mask=rmask[:, None] & in_ib[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.where(keep, tl.exp(s - m_new[:, None]), 0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        pw = p * inv_n[None, :]
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(pw, xf, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(pw.to(op_dtype), x)
+        m_i = m_new
+    out = rows * SPLITS + split
+    tl.store(part_m_ptr + out, m_i, mask=rmask)
+    tl.store(part_l_ptr + out, l_i, mask=rmask)
+    tl.store(part_acc_ptr + out[:, None] * D + d[None, :], acc, mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
 def _cosine_infonce_merge_kernel(
     g_ptr, pos_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     loss_ptr, lse_ptr, ppos_ptr, u_ptr, dg_ptr,
@@ -165,19 +239,27 @@ def _normalize_backward(x: torch.Tensor, dxhat: torch.Tensor, eps: float) -> tor
     return (dxhat - proj) / n.clamp_min(eps)
 
 
-def _launch_config(N: int, C: int, D: int, device: torch.device) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_D, tiles_per_split, splits, num_warps) for N rows of C candidates of dim D."""
+#: A bank shared by all rows (no neg_index) goes through the row-tiled kernel from this many rows
+#: on (it reads each bank tile once per 16 rows instead of once per row, with tensor-core dots).
+SHARED_TILE_MIN_ROWS = 16
+_SHARED_ROWS = 16
+
+
+def _launch_config(N: int, C: int, D: int, device: torch.device, tiled: bool = False) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_D, tiles_per_split, splits, num_warps) for N rows of C candidates of dim D
+    (``tiled``: the row-tiled shared-bank kernel, _SHARED_ROWS rows per program)."""
     BLOCK_D = max(16, triton.next_power_of_2(D))
     if _backend.INTERPRET:
         # The interpreter pays per program and per op, not per element: big tiles, few programs
         # (still several splits per row for small N, so the merge is exercised).
         BLOCK_M, target_programs, num_warps = 64, 16, 4
     else:
-        BLOCK_M = max(8, min(128, 8192 // BLOCK_D))
+        BLOCK_M = max(16, min(64, 16384 // BLOCK_D)) if tiled else max(8, min(128, 8192 // BLOCK_D))
         target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        num_warps = 8 if BLOCK_D >= 1024 else 4
+        num_warps = 8 if BLOCK_D >= 1024 or (tiled and BLOCK_D >= 512) else 4
     n_tiles = triton.cdiv(C, BLOCK_M)
-    splits = max(1, min(triton.cdiv(target_programs, N), n_tiles))
+    row_programs = triton.cdiv(N, _SHARED_ROWS) if tiled else N
+    splits = max(1, min(triton.cdiv(target_programs, row_programs), n_tiles))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = max(1, triton.cdiv(n_tiles, tiles_per_split)) if n_tiles else 1
     return BLOCK_M, BLOCK_D, tiles_per_split, splits, num_warps
@@ -189,7 +271,8 @@ def _cosine_infonce_triton(g, pos, negatives, neg_index, ids, neg_ids, tau, in_b
     M = neg_index.shape[1] if neg_index is not None else negatives.shape[0]
     C = M + (N if in_batch else 0)
     dev = g.device
-    BLOCK_M, BLOCK_D, tiles_per_split, splits, num_warps = _launch_config(N, C, D, dev)
+    tiled = neg_index is None and N >= SHARED_TILE_MIN_ROWS
+    BLOCK_M, BLOCK_D, tiles_per_split, splits, num_warps = _launch_config(N, C, D, dev, tiled=tiled)
     f32 = dict(device=dev, dtype=torch.float32)
     part_m = torch.empty(N, splits, **f32)
     part_l = torch.empty(N, splits, **f32)
@@ -199,15 +282,26 @@ def _cosine_infonce_triton(g, pos, negatives, neg_index, ids, neg_ids, tau, in_b
     ids_t = ids if ids is not None else g
     nid_t = neg_ids if neg_ids is not None else g
     inv_tau = 1.0 / tau
-    _cosine_infonce_fwd_kernel[(N, splits)](
-        g, pos, negatives, idx, ids_t, nid_t,
-        part_m, part_l, part_acc, s_ib,
-        g.stride(0), g.stride(1), pos.stride(0), pos.stride(1), negatives.stride(0), negatives.stride(1),
-        idx.stride(0), idx.stride(1) if idx.dim() > 1 else 0, ids_t.stride(0), nid_t.stride(0),
-        N, M, negatives.shape[0], D, C, tiles_per_split, splits, inv_tau, EPS,
-        HAS_INDEX=neg_index is not None, IN_BATCH=in_batch, HAS_IDS=ids is not None,
-        HAS_NEG_IDS=neg_ids is not None, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=num_warps,
-    )
+    if tiled:
+        _cosine_infonce_shared_fwd_kernel[(triton.cdiv(N, _SHARED_ROWS), splits)](
+            g, pos, negatives, ids_t, nid_t,
+            part_m, part_l, part_acc, s_ib,
+            g.stride(0), g.stride(1), pos.stride(0), pos.stride(1), negatives.stride(0), negatives.stride(1),
+            ids_t.stride(0), nid_t.stride(0),
+            N, M, D, C, tiles_per_split, splits, inv_tau, EPS,
+            IN_BATCH=in_batch, HAS_IDS=ids is not None, HAS_NEG_IDS=neg_ids is not None,
+            BLOCK_R=_SHARED_ROWS, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, IEEE=g.dtype == torch.float32, num_warps=num_warps,
+        )
+    else:
+        _cosine_infonce_fwd_kernel[(N, splits)](
+            g, pos, negatives, idx, ids_t, nid_t,
+            part_m, part_l, part_acc, s_ib,
+            g.stride(0), g.stride(1), pos.stride(0), pos.stride(1), negatives.stride(0), negatives.stride(1),
+            idx.stride(0), idx.stride(1) if idx.dim() > 1 else 0, ids_t.stride(0), nid_t.stride(0),
+            N, M, negatives.shape[0], D, C, tiles_per_split, splits, inv_tau, EPS,
+            HAS_INDEX=neg_index is not None, IN_BATCH=in_batch, HAS_IDS=ids is not None,
+            HAS_NEG_IDS=neg_ids is not None, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=num_warps,
+        )
     loss = torch.empty(N, **f32)
     lse = torch.empty(N, **f32)
     p_pos = torch.empty(N, **f32)

@@ -309,6 +309,11 @@ INTERP_CASES = [
     (5, 33, 300, 0.1, "index_inbatch_ids"),
     (8, 64, 70, 1.0, "shared_inbatch_ids"),
     (4, 24, 130, 0.05, "inbatch_ids_only"),
+    # a shared bank from 16 rows on: the row-tiled kernel (odd N, D and M; partial row tiles)
+    (16, 32, 100, 0.1, "shared"),
+    (21, 24, 70, 0.1, "shared_inbatch_ids"),
+    (40, 64, 130, 0.05, "shared_inbatch"),
+    (17, 7, 1, 1.0, "shared_ids"),
 ]
 
 
@@ -485,3 +490,18 @@ def test_sync_probe_sees_host_reads_and_ignores_the_triton_interpreter():
     inside = compile("x.sum().item(); x.tolist()", "/site-packages/triton/runtime/interpreter.py", "exec")
     assert not host_syncs(exec, inside, {"x": x}), "host reads inside the interpreter must be ignored"
     assert "tolist" not in torch.Tensor.__dict__ and torch.Tensor.__dict__["__array__"], "probe restores Tensor methods"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("variant", ["shared", "shared_inbatch_ids"])
+def test_row_tiled_shared_kernel_equals_the_per_row_kernel(monkeypatch, variant):
+    import importlib
+
+    ci = importlib.import_module("idflux.kernels.cosine_infonce")  # the module (the package exports the function)
+    g, pos, bank, kw = make_case(19, 40, 90, variant, seed=4)
+    w = torch.randn(19, dtype=torch.float64)
+    tiled = losses_and_grads(cosine_infonce, g, pos, bank, {**kw, "backend": "triton"}, "none", w)
+    monkeypatch.setattr(ci, "SHARED_TILE_MIN_ROWS", 10**9)
+    per_row = losses_and_grads(cosine_infonce, g, pos, bank, {**kw, "backend": "triton"}, "none", w)
+    for name, a, b in zip(("loss", "dg", "dpos"), tiled, per_row):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
