@@ -255,7 +255,7 @@ if HAS_TRITON:
         support of it, adding out_scale * w * grad_out. Every pixel is written once, in the
         image dtype (zeros where no face reaches): no atomics, no fp32 buffer, deterministic.
         table rows (16 fp32): crop -> image matrix (6), its inverse's 2x2 (4), footprint x0, x1,
-        y0, y1 (tap support included), window radii Ru, Rv in crop pixels.
+        y0, y1 (tap support included), window half-widths ru, rv in crop pixels.
         """
         pid = tl.program_id(0)
         b = pid // tiles_per_image
@@ -281,17 +281,19 @@ if HAS_TRITON:
                 m0, m1, m2 = tl.load(row), tl.load(row + 1), tl.load(row + 2)
                 m3, m4, m5 = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
                 i0, i1, i2, i3 = tl.load(row + 6), tl.load(row + 7), tl.load(row + 8), tl.load(row + 9)
-                ru = tl.load(row + 14).to(tl.int32)
-                rv = tl.load(row + 15).to(tl.int32)
+                ru = tl.load(row + 14)
+                rv = tl.load(row + 15)
                 uc = i0 * (pxf - m2) + i1 * (pyf - m5)
                 vc = i2 * (pxf - m2) + i3 * (pyf - m5)
-                ub = tl.floor(uc).to(tl.int32)
-                vb = tl.floor(vc).to(tl.int32)
+                # Crop pixels within the tap support of a pixel: |u - uc| <= ru, |v - vc| <= rv, at
+                # most floor(2 r) + 1 integers per axis from ceil(c - r) on.
+                u0 = tl.ceil(uc - ru).to(tl.int32)
+                v0 = tl.ceil(vc - rv).to(tl.int32)
                 g_face = gout_ptr + f * stride_gf + cc[:, None] * stride_gc
-                for dv in range(-rv, rv + 2):
-                    v = vb + dv
-                    for du in range(-ru, ru + 2):
-                        u = ub + du
+                for dv in range(0, tl.floor(2 * rv).to(tl.int32) + 1):
+                    v = v0 + dv
+                    for du in range(0, tl.floor(2 * ru).to(tl.int32) + 1):
+                        u = u0 + du
                         inside = live & (u >= 0) & (u < S) & (v >= 0) & (v < S)
                         uf = u.to(tl.float32)
                         vf = v.to(tl.float32)
@@ -350,7 +352,7 @@ _TILE_H, _TILE_W = (16, 32) if INTERPRET else (16, 64)
 
 def _gather_table(matrices: torch.Tensor, size: int, bicubic: bool) -> torch.Tensor:
     """(F, 16) fp32 per face: crop -> image matrix (6), inverse 2x2 (4), image footprint x0, x1, y0, y1
-    of its sample points widened by the tap support, window radii Ru, Rv (crop pixels). No sync."""
+    of its sample points widened by the tap support, window half-widths ru, rv (crop pixels). No sync."""
     m = matrices.double()
     a00, a01, t0 = m[:, 0, 0], m[:, 0, 1], m[:, 0, 2]
     a10, a11, t1 = m[:, 1, 0], m[:, 1, 1], m[:, 1, 2]
@@ -358,12 +360,12 @@ def _gather_table(matrices: torch.Tensor, size: int, bicubic: bool) -> torch.Ten
     det = torch.where(det.abs() > 1e-12, det, torch.ones_like(det))  # only black faces (never reached) are singular
     i00, i01, i10, i11 = a11 / det, -a01 / det, -a10 / det, a00 / det
     support = 2.0 if bicubic else 1.0
-    corners = torch.tensor([[0.0, 0.0], [size - 1.0, 0.0], [0.0, size - 1.0], [size - 1.0, size - 1.0]],
-                           dtype=torch.float64, device=m.device)
-    xs = a00[:, None] * corners[:, 0] + a01[:, None] * corners[:, 1] + t0[:, None]
-    ys = a10[:, None] * corners[:, 0] + a11[:, None] * corners[:, 1] + t1[:, None]
-    ru = torch.ceil(support * (i00.abs() + i01.abs()))
-    rv = torch.ceil(support * (i10.abs() + i11.abs()))
+    e = size - 1.0  # the sample points' corners: (0, 0), (e, 0), (0, e), (e, e); no host tensor (a copy would sync)
+    xs = torch.stack([t0, t0 + a00 * e, t0 + a01 * e, t0 + (a00 + a01) * e], 1)
+    ys = torch.stack([t1, t1 + a10 * e, t1 + a11 * e, t1 + (a10 + a11) * e], 1)
+    # Window half-widths in crop pixels (a hair wider than exact, against rounding of the inverse).
+    ru = support * (i00.abs() + i01.abs()) + 1e-3
+    rv = support * (i10.abs() + i11.abs()) + 1e-3
     cols = [a00, a01, t0, a10, a11, t1, i00, i01, i10, i11, xs.amin(1) - support, xs.amax(1) + support,
             ys.amin(1) - support, ys.amax(1) + support, ru.clamp(max=size), rv.clamp(max=size)]
     return torch.stack(cols, 1).float().contiguous()

@@ -600,8 +600,8 @@ def test_gather_backward_matches_scatter_and_reference(monkeypatch, interpolatio
 
 
 def test_gather_table_windows_cover_every_tap():
-    """Window radii from the inverse matrix: every crop pixel whose sample point lies within the tap
-    support of a pixel is inside that pixel's window (checked by brute force)."""
+    """Window half-widths from the inverse matrix: every crop pixel whose sample point lies within the
+    tap support of a pixel is inside that pixel's window (checked by brute force)."""
     fw = _face_warp_module()
     g = torch.Generator().manual_seed(3)
     lmk = random_landmarks(3, 40, 40, g)
@@ -621,10 +621,11 @@ def test_gather_table_windows_cover_every_tap():
                     continue
                 uc = table[f, 6] * (px - table[f, 2]) + table[f, 7] * (py - table[f, 5])
                 vc = table[f, 8] * (px - table[f, 2]) + table[f, 9] * (py - table[f, 5])
-                ru, rv = int(table[f, 14]), int(table[f, 15])
-                du = u[near] - torch.floor(uc)
-                dv = v[near] - torch.floor(vc)
-                assert (du >= -ru).all() and (du <= ru + 1).all() and (dv >= -rv).all() and (dv <= rv + 1).all()
+                ru, rv = table[f, 14], table[f, 15]
+                du = u[near] - torch.ceil(uc - ru)  # the kernel visits du in [0, floor(2 ru)]
+                dv = v[near] - torch.ceil(vc - rv)
+                assert (du >= 0).all() and (du <= torch.floor(2 * ru)).all(), "u window"
+                assert (dv >= 0).all() and (dv <= torch.floor(2 * rv)).all(), "v window"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
