@@ -344,10 +344,24 @@ def _fit_triton(landmarks: torch.Tensor, size: int, transform: str) -> tuple[tor
 #: pixels whose taps reach it: every pixel written once in the image dtype, no atomics, no fp32
 #: buffer, deterministic) or "scatter" (each crop pixel adds into a zeroed fp32 gradient with
 #: atomics, then a cast). A knob for tuning runs; both are tested. A pixel's window covers about
-#: (2 * support * crop px per image px)^2 crop pixels: for faces blown up more than ~4x (under ~20
-#: px wide for a 112 crop) the scatter does less work.
-BWD = "gather"
+#: (2 * support * crop px per image px)^2 crop pixels: for faces blown up several times (under ~20
+#: px wide for a 112 crop) the scatter does less work. "auto" (default): gather, unless the call
+#: checked its input (check=True, which reads values back anyway) and found a face whose window
+#: passes _GATHER_MAX_WINDOW crop pixels; check=False calls (no host read) always gather.
+BWD = "auto"
+_GATHER_MAX_WINDOW = 64
 _TILE_H, _TILE_W = (16, 32) if INTERPRET else (16, 64)
+
+
+def _window_half_widths(matrices: torch.Tensor, bicubic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ru, rv) per face, float64: a pixel's taps reach the crop pixels with |u - uc| <= ru and
+    |v - vc| <= rv around its inverse image (uc, vc); a hair wider than exact, against rounding."""
+    m = matrices.double()
+    a00, a01, a10, a11 = m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1]
+    det = a00 * a11 - a01 * a10
+    det = torch.where(det.abs() > 1e-12, det, torch.ones_like(det))  # only black faces (never reached) are singular
+    support = 2.0 if bicubic else 1.0
+    return support * (a11.abs() + a01.abs()) / det.abs() + 1e-3, support * (a10.abs() + a00.abs()) / det.abs() + 1e-3
 
 
 def _gather_table(matrices: torch.Tensor, size: int, bicubic: bool) -> torch.Tensor:
@@ -363,9 +377,7 @@ def _gather_table(matrices: torch.Tensor, size: int, bicubic: bool) -> torch.Ten
     e = size - 1.0  # the sample points' corners: (0, 0), (e, 0), (0, e), (e, e); no host tensor (a copy would sync)
     xs = torch.stack([t0, t0 + a00 * e, t0 + a01 * e, t0 + (a00 + a01) * e], 1)
     ys = torch.stack([t1, t1 + a10 * e, t1 + a11 * e, t1 + (a10 + a11) * e], 1)
-    # Window half-widths in crop pixels (a hair wider than exact, against rounding of the inverse).
-    ru = support * (i00.abs() + i01.abs()) + 1e-3
-    rv = support * (i10.abs() + i11.abs()) + 1e-3
+    ru, rv = _window_half_widths(matrices, bicubic)
     cols = [a00, a01, t0, a10, a11, t1, i00, i01, i10, i11, xs.amin(1) - support, xs.amax(1) + support,
             ys.amin(1) - support, ys.amax(1) + support, ru.clamp(max=size), rv.clamp(max=size)]
     return torch.stack(cols, 1).float().contiguous()
@@ -396,7 +408,7 @@ class FaceWarpFunction(torch.autograd.Function):
     crops (F, C, S, S) in images.dtype; gradient to images only (gathered per pixel tile; see BWD)."""
 
     @staticmethod
-    def forward(ctx, images, matrices, image_index, size, bicubic, lo, hi):
+    def forward(ctx, images, matrices, image_index, size, bicubic, lo, hi, bwd="gather"):
         F, C = matrices.shape[0], images.shape[1]
         out = images.new_empty(F, C, size, size)
         block = _block(bicubic)
@@ -408,6 +420,7 @@ class FaceWarpFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(matrices, image_index)
         ctx.meta = (tuple(images.shape), images.dtype, size, bicubic, 2.0 / (hi - lo))
+        ctx.bwd = bwd
         return out
 
     @staticmethod
@@ -415,9 +428,9 @@ class FaceWarpFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         matrices, image_index = ctx.saved_tensors
         shape, dtype, size, bicubic, out_scale = ctx.meta
-        if BWD == "gather":
+        if (ctx.bwd if BWD == "auto" else BWD) == "gather":
             return _backward_gather(grad_out, matrices, image_index, shape, dtype, size, bicubic, out_scale), \
-                None, None, None, None, None, None
+                None, None, None, None, None, None, None
         _, C, H, W = shape
         grad = torch.zeros(shape, device=grad_out.device, dtype=torch.float32)
         block = _block(bicubic)
@@ -427,7 +440,7 @@ class FaceWarpFunction(torch.autograd.Function):
             C, H, W, size, out_scale,
             BICUBIC=bicubic, BLOCK=block, num_warps=4,
         )
-        return grad.to(dtype), None, None, None, None, None, None
+        return grad.to(dtype), None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -570,10 +583,18 @@ def face_warp(
         return images.new_empty(0, C, size, size)
     fit = _fit_triton if impl == "triton" else fit_matrices_ref
     matrices, degenerate = fit(landmarks, size, transform)
+    bwd = "gather"
     if check:
         index_bad = (image_index.min() < 0) | (image_index.max() >= B)
         landmarks_bad = degenerate.any() | ~torch.isfinite(landmarks).all()
-        index_bad, landmarks_bad = torch.stack([index_bad, landmarks_bad]).tolist()  # the one host sync
+        flags = [index_bad, landmarks_bad]
+        if impl == "triton" and BWD == "auto":  # read in the same sync: the backward's largest window
+            ru, rv = _window_half_widths(matrices, interpolation == "bicubic")
+            flags.append(((torch.floor(2 * ru) + 1) * (torch.floor(2 * rv) + 1)).max() > _GATHER_MAX_WINDOW)
+        flags = torch.stack(flags).tolist()  # the one host sync
+        index_bad, landmarks_bad = flags[:2]
+        if len(flags) > 2 and flags[2]:
+            bwd = "scatter"
         if index_bad:
             raise ValueError(
                 f"face_warp: image_index must lie in [0, {B}) for {B} images, got values in "
@@ -593,5 +614,5 @@ def face_warp(
         crops = face_warp_ref(images, matrices, image_index, size, interpolation, (lo, hi))
         # Exactly -1 even if image 0 holds inf/NaN where the outside taps are clamped to (0 * inf).
         return torch.where(valid[:, None, None, None], crops, -1.0)
-    return FaceWarpFunction.apply(images, matrices, image_index.contiguous(), size, interpolation == "bicubic", lo, hi)
+    return FaceWarpFunction.apply(images, matrices, image_index.contiguous(), size, interpolation == "bicubic", lo, hi, bwd)
 

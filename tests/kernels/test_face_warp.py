@@ -349,10 +349,13 @@ def test_triton_interpreter_matches_reference(interpolation, transform):
 
 @needs_interpreter
 def test_triton_interpreter_size_112_strides_and_index_dtype(monkeypatch):
-    # Faces of a few pixels blown up to 112: each image pixel gathers from a ~100 x 100 crop window,
-    # minutes in the interpreter. The gather path's large windows are covered at a smaller size
-    # below (test_gather_backward_...); strides and index dtype here go through the scatter path.
-    monkeypatch.setattr(_face_warp_module(), "BWD", "scatter")
+    # Faces of a few pixels blown up to 112: their gather windows would span ~100 x 100 crop pixels,
+    # so the checked call (BWD = "auto") picks the scatter backward; the gather path's large windows
+    # are covered at a smaller size below (test_gather_backward_...).
+    fw = _face_warp_module()
+    assert fw.BWD == "auto"
+    gathered = []
+    monkeypatch.setattr(fw, "_backward_gather", lambda *a: gathered.append(1) or 1 / 0)
     images, lmk, index = random_problem(2, 3, 24, 20, 3, seed=12)
     junk = torch.full_like(images, float("nan"))
     view = torch.stack([images, junk], -1).flatten(-2)[..., ::2]  # W stride 2, NaN between the pixels
@@ -584,7 +587,7 @@ def test_gather_backward_matches_scatter_and_reference(monkeypatch, interpolatio
         lmk[1] = lmk[0] + 1.5   # overlaps face 0
         lmk[2] = lmk[2] - 12.0  # partly off the image
         index, size = torch.tensor([2, 2, 0, 2]), 12  # image 1 has no face
-    assert fw.BWD == "gather"
+    monkeypatch.setattr(fw, "BWD", "gather")
     out_t, out_r, g_gather, g_ref = _triton_vs_reference(images, lmk, index, size, "similarity", interpolation)
     torch.testing.assert_close(g_gather, g_ref, atol=1e-4, rtol=1e-4, msg="gather vs reference autograd")
     monkeypatch.setattr(fw, "BWD", "scatter")
@@ -646,3 +649,25 @@ def test_gather_backward_cuda_is_deterministic_and_matches_scatter(monkeypatch, 
     c = grad()
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(a.float(), c.float(), **tol)
+
+
+@needs_interpreter
+def test_auto_backward_gathers_unless_a_checked_call_finds_a_large_window(monkeypatch):
+    fw = _face_warp_module()
+    calls = []
+    real = fw._backward_gather
+    monkeypatch.setattr(fw, "_backward_gather", lambda *a: calls.append("gather") or real(*a))
+    images = torch.rand(1, 3, 40, 40) * 2 - 1
+    t = arcface_template(112, dtype=torch.float32)
+    big, tiny = (t - 56) * 0.3 + 20, (t - 56) * 0.05 + 20  # ~34 px and ~6 px faces, 32 x 32 crops
+
+    def backward(lmk, check):
+        x = images.clone().requires_grad_()
+        out = face_warp(x, lmk[None], torch.tensor([0]), size=32, interpolation="bicubic", backend="triton", check=check)
+        out.sum().backward()
+        return x.grad
+
+    for lmk, check, want in ((big, True, ["gather"]), (tiny, True, []), (tiny, False, ["gather"])):
+        calls.clear()
+        backward(lmk, check)
+        assert calls == want, f"face {'tiny' if lmk is tiny else 'big'}, check={check}: {calls}"
