@@ -76,8 +76,10 @@ def _check_common(fn, q, k, v, membership, ref_offsets, scale, H, D):
         _fail(fn, f"scale must be a positive finite number or None (1/sqrt(D)), got {scale!r}")
     # Data checks need the values: a host sync on CUDA. The same layout tensors come back for every
     # module and every denoising step, so a layout that passed is remembered (see _seen_before).
+    # Under torch.compile they are skipped (a traced graph cannot read values): validate a layout
+    # with one eager call first.
     Nkv = k.shape[2]
-    if _seen_before(("layout", Nkv, R), membership, ref_offsets):
+    if torch.compiler.is_compiling() or _seen_before(("layout", Nkv, R), membership, ref_offsets):
         return
     offs = ref_offsets.long()
     mem = membership.long()
@@ -152,17 +154,11 @@ def _check_packed(q, k, v, membership, image_index, ref_offsets, scale):
     if image_index.device != q.device:
         _fail(fn, f"image_index is on {image_index.device} but q is on {q.device}; move all inputs to one device")
     B = k.shape[0]
-    if T and not _seen_before(("image_index", B), image_index):
+    if T and not torch.compiler.is_compiling() and not _seen_before(("image_index", B), image_index):
         if bool(((image_index < 0) | (image_index >= B)).any()):
             _fail(fn, f"image_index must lie in [0, B={B}) (B = k.shape[0]), got values in "
                       f"[{int(image_index.min())}, {int(image_index.max())}]")
         _remember(("image_index", B), image_index)
-
-
-# Under torch.compile the checks (value reads, a small cache) run eagerly at a graph break, never
-# traced; in eager mode they are called directly (the disable wrapper alone costs ~20 us a call).
-_check_inputs_eagerly = torch.compiler.disable(_check_inputs)
-_check_packed_eagerly = torch.compiler.disable(_check_packed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,6 +500,11 @@ def region_attention(q, k, v, membership, ref_offsets, *, scale=None, backend="a
         scale: softmax scale, default 1/sqrt(D).
         backend: "auto" (Triton on CUDA, the reference otherwise), "triton" or "torch".
 
+    The first call with a layout (membership, ref_offsets) reads its values back to check them and
+    builds the kernels' tile plan on the device; later calls with the same tensors reuse both and
+    never sync. Under ``torch.compile`` (``fullgraph=True`` works) the value checks are skipped and
+    the plan is computed inside the graph: validate a layout with one eager call first.
+
     Returns:
         (B, H, Nq, D) in q's dtype. Token i attends in one softmax to the union of the spans of its
         set bits; a token with no bit set (or whose references are all empty) gets exactly 0 output
@@ -518,7 +519,7 @@ def region_attention(q, k, v, membership, ref_offsets, *, scale=None, backend="a
     """
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     impl = resolve_backend("region_attention", backend, device)
-    (_check_inputs_eagerly if torch.compiler.is_compiling() else _check_inputs)(q, k, v, membership, ref_offsets, scale)
+    _check_inputs(q, k, v, membership, ref_offsets, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if impl == "torch":
         return region_attention_ref(q, k, v, membership, ref_offsets, scale)
@@ -553,7 +554,7 @@ def region_attention_packed(q, k, v, membership, image_index, ref_offsets, *, sc
     """
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     impl = resolve_backend("region_attention_packed", backend, device)
-    (_check_packed_eagerly if torch.compiler.is_compiling() else _check_packed)(q, k, v, membership, image_index, ref_offsets, scale)
+    _check_packed(q, k, v, membership, image_index, ref_offsets, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if impl == "torch":
         return region_attention_packed_ref(q, k, v, membership, image_index, ref_offsets, scale)

@@ -319,10 +319,20 @@ def test_custom_op_registration_and_compile():
     plan = _dense_plan(mem, offs.shape[1] - 1)
     torch.library.opcheck(_fwd_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mem, offs, *plan, 0.25),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    fn = torch.compile(lambda a, b, c: region_attention(a, b, c, mem, offs, backend="triton") * 2, backend="aot_eager", fullgraph=False)
+    # fullgraph: no graph break (value checks are skipped under compile, the tile plan is traced).
+    fn = torch.compile(lambda a, b, c: region_attention(a, b, c, mem, offs, backend="triton") * 2, backend="aot_eager", fullgraph=True)
     out = fn(q, k, v)
-    out.sum().backward()
-    torch.testing.assert_close(out, 2 * region_attention(q, k, v, mem, offs, backend="torch"), atol=2e-5, rtol=1e-4)
+    qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    want = 2 * region_attention(qr, kr, vr, mem, offs, backend="torch")
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
+    g = torch.randn_like(want)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (qr, kr, vr), g)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=f"compiled d{name}")
+    b_idx, t_idx = (mem != 0).nonzero(as_tuple=True)
+    qp = q.detach()[b_idx, :, t_idx].clone().requires_grad_()
+    packed = torch.compile(lambda a: region_attention_packed(a, k, v, mem[b_idx, t_idx], b_idx, offs, backend="triton"),
+                           backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(packed(qp), want.detach()[b_idx, :, t_idx] / 2, atol=2e-5, rtol=1e-4, msg="compiled packed")
 
 
 def test_triton_backend_without_interpreter_is_a_clear_error(monkeypatch):
