@@ -163,3 +163,15 @@ def test_denoising_steps_never_sync_with_the_host():
         torch.autograd.grad(out.sum(), [x, *adapter.parameters()], allow_unused=True)
 
     assert_no_host_sync(steps)
+
+
+def test_adapter_block_compiles_without_graph_breaks():
+    if not (INTERPRET or torch.cuda.is_available()):
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    cfg = tiny_adapter()
+    adapter = randomize(IdentityAdapter(cfg)).float()
+    img, arc, sig, membership = make_inputs(cfg, dtype=torch.float32)
+    ctx = adapter.prepare(arc, sig, RegionLayout.from_membership(membership, n_refs=2), backend="triton")
+    eager = adapter.apply(1, img, ctx)  # validates the layout (a compiled graph skips value checks)
+    compiled = torch.compile(lambda x: adapter.apply(1, x, ctx), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(img), eager, atol=1e-5, rtol=1e-5)
