@@ -615,3 +615,40 @@ def test_dkdv_grid_sizes_from_the_layout_hint(monkeypatch):
     assert ra._dkdv_grid(1, 1, 24, 8, 16, (2, 8), cuda) == (1, 1), "never more than half the list"
     monkeypatch.setattr(ra, "DKDV_SPLIT", 4)
     assert ra._dkdv_grid(1, 4, 24, 32, 16, (6, 8), cuda) == (1, 4)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["Nq=0", "Nkv=0", "R=0", "H=0", "uint8"])
+def test_degenerate_sizes_forward_and_backward(case):
+    B, H, Nq, D, Nkv = 2, 2, 7, 16, 5
+    mem = torch.randint(0, 4, (B, Nq))
+    offs = torch.tensor([[0, 3, 5], [0, 2, 5]])
+    if case == "Nq=0":
+        Nq, mem = 0, mem[:, :0]
+    elif case == "Nkv=0":
+        Nkv, offs = 0, torch.zeros(B, 3, dtype=torch.long)
+    elif case == "R=0":
+        mem, offs = torch.zeros(B, Nq, dtype=torch.long), torch.zeros(B, 1, dtype=torch.long)
+    elif case == "H=0":
+        H = 0
+    else:
+        mem = mem.to(torch.uint8)
+    q, k, v = (torch.randn(B, H, n, D, device=KDEV, requires_grad=True) for n in (Nq, Nkv, Nkv))
+    mem, offs = mem.to(KDEV), offs.to(KDEV)
+    out = region_attention(q, k, v, mem, offs, backend="triton")
+    ref = region_attention(*(t.detach().double().requires_grad_() for t in (q, k, v)), mem, offs, backend="torch")
+    assert out.shape == (B, H, Nq, D)
+    torch.testing.assert_close(out.double(), ref.detach(), atol=2e-5, rtol=1e-4)
+    grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+    assert all(g is None or (torch.isfinite(g).all() and g.shape == t.shape) for g, t in zip(grads, (q, k, v)))
+
+
+@needs_triton
+def test_packed_form_with_no_tokens():
+    k = torch.randn(2, 2, 5, 16, device=KDEV, requires_grad=True)
+    q = torch.randn(0, 2, 16, device=KDEV, requires_grad=True)
+    empty = torch.zeros(0, dtype=torch.long, device=KDEV)
+    out = region_attention_packed(q, k, k, empty, empty, torch.tensor([[0, 3, 5], [0, 2, 5]], device=KDEV), backend="triton")
+    assert out.shape == (0, 2, 16)
+    (dk,) = torch.autograd.grad(out.sum(), (k,))
+    assert torch.equal(dk, torch.zeros_like(dk))
