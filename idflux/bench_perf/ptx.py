@@ -1,5 +1,5 @@
 """Compile our Triton kernels for a CUDA target without a GPU and summarise their global memory
-instructions (``python -m idflux.bench_perf.ptx``).
+instructions (``python -m idflux.bench_perf.ptx [--op OP] [--dtype bf16] [--arch 90]``).
 
 Triton's NVIDIA backend ships ptxas, so ``triton.compile`` produces PTX on any machine. The
 signature passed here mirrors what a real launch specialises: pointers and strides divisible by
@@ -67,6 +67,72 @@ def memory_ops(ptx: str) -> dict[str, int]:
     return dict(collections.Counter(_MEM_OP.findall(ptx)))
 
 
+def generic_signature(fn, pointers: dict[str, str], constexprs: dict, floats: tuple = (), ones: tuple = ()):
+    """(signature, constexprs, attrs) as a launch specialises it: every ``*_ptr`` argument typed from
+    ``pointers`` (default ``*fp32``) and 16-byte aligned; ``ones`` (unit strides) as the constant 1;
+    ``floats`` as fp32 scalars; other integers i32, strides and sizes divisible by 16 (the shapes
+    that matter: 512-wide embeddings, 1024^2 images)."""
+    sig, const, attrs = {}, {}, {}
+    for i, name in enumerate(inspect.signature(fn.fn).parameters):
+        if name in constexprs:
+            sig[name], const[name] = "constexpr", constexprs[name]
+        elif name in ones:
+            sig[name], const[name] = "constexpr", 1
+        elif name.endswith("_ptr"):
+            sig[name] = pointers.get(name, "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride") or name in ("D", "H", "W"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, const, attrs
+
+
+def cosine_infonce_report(dtype: str = "bf16", arch: int = 90) -> dict[str, dict[str, int]]:
+    import importlib
+
+    C = importlib.import_module("idflux.kernels.cosine_infonce")  # the module (the package exports the function)
+    inputs = {n: f"*{dtype}" for n in ("g_ptr", "pos_ptr", "bank_ptr")}
+    ints = {"idx_ptr": "*i64", "ids_ptr": "*i64", "nid_ptr": "*i64"}
+    flags = dict(IN_BATCH=True, HAS_IDS=True, HAS_NEG_IDS=True)
+    unit = ("stride_gd", "stride_pd", "stride_bd")
+    floats = ("inv_tau", "eps")
+    cases = {
+        "_cosine_infonce_fwd_kernel": (C._cosine_infonce_fwd_kernel, dict(HAS_INDEX=True, BLOCK_M=16, BLOCK_D=512, **flags), 4),
+        "_cosine_infonce_shared_fwd_kernel": (C._cosine_infonce_shared_fwd_kernel,
+                                              dict(BLOCK_R=16, BLOCK_M=32, BLOCK_D=512, IEEE=dtype == "fp32", **flags), 8),
+        "_cosine_infonce_merge_kernel": (C._cosine_infonce_merge_kernel, dict(BLOCK_S=16, BLOCK_D=512), 4),
+    }
+    out = {}
+    for name, (fn, constexprs, warps) in cases.items():
+        sig = generic_signature(fn, {**inputs, **ints}, constexprs, floats, unit + ("stride_im",))
+        out[name] = memory_ops(compile_ptx(fn, *sig, arch=arch, num_warps=warps))
+    return out
+
+
+def face_warp_report(dtype: str = "bf16", arch: int = 90) -> dict[str, dict[str, int]]:
+    import importlib
+
+    fw = importlib.import_module("idflux.kernels.face_warp")  # the module (the package exports the function)
+    images = {n: f"*{dtype}" for n in ("img_ptr", "out_ptr", "gout_ptr")}
+    ints = {"idx_ptr": "*i64", "order_ptr": "*i32", "start_ptr": "*i32", "flag_ptr": "*i8"}
+    floats = ("lo", "out_scale", "scale", "min_spread", "ratio_bound", "min_corr")
+    cases = {
+        "_face_warp_fit_kernel": (fw._face_warp_fit_kernel, {}, dict(AFFINE=False, BLOCK_F=32)),
+        "_face_warp_fwd_kernel": (fw._face_warp_fwd_kernel, {}, dict(BICUBIC=True, BLOCK=128)),
+        "_face_warp_bwd_kernel": (fw._face_warp_bwd_kernel, {}, dict(BICUBIC=True, BLOCK=128)),
+        "_face_warp_bwd_gather_kernel": (fw._face_warp_bwd_gather_kernel, {"gimg_ptr": f"*{dtype}"},
+                                         dict(BICUBIC=True, TILE_H=16, TILE_W=64, BLOCK_C=4)),
+    }
+    out = {}
+    for name, (fn, extra, constexprs) in cases.items():
+        sig = generic_signature(fn, {**images, **ints, **extra}, constexprs, floats)
+        out[name] = memory_ops(compile_ptx(fn, *sig, arch=arch))
+    return out
+
+
 def region_attention_report(dtype: str = "bf16", head_dim: int = 64, arch: int = 90) -> dict[str, dict[str, int]]:
     from idflux.kernels import _region_attention_triton as K
 
@@ -82,9 +148,18 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16", choices=("fp32", "fp16", "bf16"))
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--arch", type=int, default=90, help="SM version, e.g. 80 (A100), 90 (H100/H200)")
+    p.add_argument("--op", default="all", choices=("all", "region_attention", "cosine_infonce", "face_warp"))
     args = p.parse_args(argv)
-    for name, ops in region_attention_report(args.dtype, args.head_dim, args.arch).items():
-        print(f"{name:<28} " + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
+    reports = []
+    if args.op in ("all", "region_attention"):
+        reports.append(region_attention_report(args.dtype, args.head_dim, args.arch))
+    if args.op in ("all", "cosine_infonce"):
+        reports.append(cosine_infonce_report(args.dtype, args.arch))
+    if args.op in ("all", "face_warp"):
+        reports.append(face_warp_report(args.dtype, args.arch))
+    for report in reports:
+        for name, ops in report.items():
+            print(f"{name:<34} " + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The region_attention kernels compile for sm_90 (no GPU needed) and move rows as 16-byte vectors.
+"""Every Triton kernel compiles for sm_90 (no GPU needed); region_attention moves rows as 16-byte vectors.
 
 Runs the compiler in a subprocess with TRITON_INTERPRET=0 (this process interprets). A head dim
 passed at run time once made every bf16 row load scalar (ld.global.b16); this guards that.
@@ -40,3 +40,24 @@ def test_region_attention_kernels_compile_for_sm90_with_vector_loads():
         vector = sum(v for k, v in ops.items() if ".v4." in k or k.startswith("cp.async"))
         assert vector > 0, f"{name}: no 16-byte loads or async copies {ops}"
         assert not any(k.startswith(("atom.", "red.")) for k in ops), f"{name}: atomics in the default backward {ops}"
+
+
+OTHERS = """
+import json
+from idflux.bench_perf.ptx import cosine_infonce_report, face_warp_report
+sm80 = {"sm80" + k: v for k, v in face_warp_report("fp32", 80).items()}
+print(json.dumps({**cosine_infonce_report("bf16", 90), **face_warp_report("bf16", 90), **sm80}))
+"""
+
+
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="this triton build has no NVIDIA backend")
+def test_cosine_infonce_and_face_warp_kernels_compile_for_sm90():
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", OTHERS], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(report) == 11, sorted(report)
+    assert any(".v4." in k for k in report["_face_warp_bwd_gather_kernel"]), "the gather backward stores 16-byte vectors"
+    assert not any(k.startswith(("atom.", "red.")) for k in report["_face_warp_bwd_gather_kernel"]), "no atomics in the gather"
+    assert any(k.startswith("cp.async") for k in report["_cosine_infonce_shared_fwd_kernel"]), "bank tiles copied asynchronously"
