@@ -32,13 +32,18 @@ def _has_nvidia_backend():
     return "nvidia" in backends
 
 
-@pytest.mark.skipif(not _has_nvidia_backend(), reason="CUDA present (kernels run for real) or triton has no NVIDIA backend")
-def test_region_attention_kernels_compile_for_sm90_with_vector_loads():
+def _compile_report(script: str) -> dict:
+    """Run ``script`` (prints one JSON line) with the compiler on (TRITON_INTERPRET=0) from the repo root."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300,
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="CUDA present (kernels run for real) or triton has no NVIDIA backend")
+def test_region_attention_kernels_compile_for_sm90_with_vector_loads():
+    report = _compile_report(SCRIPT)
     for name, ops in report.items():
         assert not any(k.startswith(("ld.global.b16", "ld.global.u16", "st.global.b16")) for k in ops), f"{name}: scalar bf16 accesses {ops}"
         vector = sum(v for k, v in ops.items() if ".v4." in k or k.startswith("cp.async"))
@@ -56,11 +61,7 @@ print(json.dumps({**cosine_infonce_report("bf16", 90), **face_warp_report("bf16"
 
 @pytest.mark.skipif(not _has_nvidia_backend(), reason="CUDA present (kernels run for real) or triton has no NVIDIA backend")
 def test_cosine_infonce_and_face_warp_kernels_compile_for_sm90():
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", OTHERS], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = _compile_report(OTHERS)
     assert len(report) == 11, sorted(report)
     assert any(".v4." in k for k in report["_face_warp_bwd_gather_kernel"]), "the gather backward stores 16-byte vectors"
     assert not any(k.startswith(("atom.", "red.")) for k in report["_face_warp_bwd_gather_kernel"]), "no atomics in the gather"
