@@ -57,6 +57,18 @@ def _rows(PTR, b, h, idx, d, mask, stride_b, stride_h, stride_n):
 
 
 @triton.jit
+def _key_block(K, V, b, h, n0, end, d, d_mask, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+               BLOCK_N: tl.constexpr):
+    """Keys [n0, n0 + BLOCK_N) of head h of image b, masked at ``end``: (cols, col_mask, k, v)."""
+    cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+    col_mask = cols < end
+    kv_mask = col_mask[:, None] & d_mask[None, :]
+    k = _rows(K, b, h, cols, d, kv_mask, stride_kb, stride_kh, stride_kn)
+    v = _rows(V, b, h, cols, d, kv_mask, stride_vb, stride_vh, stride_vn)
+    return cols, col_mask, k, v
+
+
+@triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     """a @ b with fp32 accumulation: exact fp32 products for fp32 inputs (no TF32), otherwise ``a``
     cast to ``b``'s dtype (probabilities and score gradients meet bf16/fp16 operands)."""
@@ -106,18 +118,14 @@ def _region_attention_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    n_off = tl.arange(0, BLOCK_N)
     for r in range(R):
         bit = (mem >> r) & 1
         if tl.max(bit, axis=0) > 0:
             start = tl.load(OFFS + b * stride_fb + r)
             end = tl.load(OFFS + b * stride_fb + r + 1)
             for n0 in range(start, end, BLOCK_N):
-                cols = (n0 + n_off).to(tl.int64)
-                col_mask = cols < end
-                kv_mask = col_mask[:, None] & d_mask[None, :]
-                k = _rows(K, b, h, cols, d, kv_mask, stride_kb, stride_kh, stride_kn)
-                v = _rows(V, b, h, cols, d, kv_mask, stride_vb, stride_vh, stride_vn)
+                cols, col_mask, k, v = _key_block(K, V, b, h, n0, end, d, d_mask, stride_kb, stride_kh, stride_kn,
+                                                  stride_vb, stride_vh, stride_vn, BLOCK_N)
                 valid = (bit[:, None] == 1) & col_mask[None, :]
                 s = _scores(q, k, valid, qk_scale, IEEE)
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -171,18 +179,14 @@ def _region_attention_bwd(
     tl.store(DELTA + l_off, delta, mask=row_mask)
     lse = tl.load(LSE + l_off, mask=row_mask, other=float("inf"))
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    n_off = tl.arange(0, BLOCK_N)
     for r in range(R):
         bit = (mem >> r) & 1
         if tl.max(bit, axis=0) > 0:
             start = tl.load(OFFS + b * stride_fb + r)
             end = tl.load(OFFS + b * stride_fb + r + 1)
             for n0 in range(start, end, BLOCK_N):
-                cols = (n0 + n_off).to(tl.int64)
-                col_mask = cols < end
-                kv_mask = col_mask[:, None] & d_mask[None, :]
-                k = _rows(K, b, h, cols, d, kv_mask, stride_kb, stride_kh, stride_kn)
-                v = _rows(V, b, h, cols, d, kv_mask, stride_vb, stride_vh, stride_vn)
+                cols, col_mask, k, v = _key_block(K, V, b, h, n0, end, d, d_mask, stride_kb, stride_kh, stride_kn,
+                                                  stride_vb, stride_vh, stride_vn, BLOCK_N)
                 valid = (bit[:, None] == 1) & col_mask[None, :]
                 p = tl.exp2(_scores(q, k, valid, qk_scale, IEEE) - lse[:, None])
                 ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None]) * sm_scale
@@ -191,6 +195,7 @@ def _region_attention_bwd(
                     dv = _dot(tl.trans(p), do, IEEE)
                     dk = _dot(tl.trans(ds), q, IEEE)
                     acc_off = b * stride_ab + h * stride_ah + cols[:, None] * stride_an + d[None, :]
+                    kv_mask = col_mask[:, None] & d_mask[None, :]
                     tl.atomic_add(DK + acc_off, dk, mask=kv_mask, sem="relaxed")
                     tl.atomic_add(DV + acc_off, dv, mask=kv_mask, sem="relaxed")
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=io_mask)
@@ -229,11 +234,9 @@ def _region_attention_bwd_dkdv(
         return
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HEAD_D
-    cols = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
-    col_mask = cols < end
+    cols, col_mask, k, v = _key_block(K, V, b, h, start, end, d, d_mask, stride_kb, stride_kh, stride_kn,
+                                      stride_vb, stride_vh, stride_vn, BLOCK_N)
     kv_mask = col_mask[:, None] & d_mask[None, :]
-    k = _rows(K, b, h, cols, d, kv_mask, stride_kb, stride_kh, stride_kn)
-    v = _rows(V, b, h, cols, d, kv_mask, stride_vb, stride_vh, stride_vn)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lst = REF_TILES + (b * R + r) * stride_rt
