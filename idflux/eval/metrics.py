@@ -148,6 +148,19 @@ def copy_paste_score(gen, gt, ref, eps: float = 1e-6) -> torch.Tensor:
     return score.to(device=device, dtype=out_dtype)
 
 
+
+def _match_into(out: dict, name: str, gen, other):
+    """Hungarian-match gen to other faces; record Sim<name>, Sim<name>_faces and match_<name lower>
+    in ``out``. Returns (similarity matrix, matched rows, matched cols)."""
+    sim = cosine_matrix(gen, other)
+    rows, cols = match_faces(sim)
+    matched = sim[rows, cols]
+    out[f"Sim{name}"] = float(matched.mean())
+    out[f"Sim{name}_faces"] = matched.tolist()
+    out[f"match_{name.lower()}"] = [[int(r), int(c)] for r, c in zip(rows, cols)]
+    return sim, rows, cols
+
+
 def face_metrics(gen_emb, gt_emb, ref_emb) -> dict[str, Any]:
     """Identity metrics of one case from the face embeddings of its three images.
 
@@ -194,23 +207,13 @@ def face_metrics(gen_emb, gt_emb, ref_emb) -> dict[str, Any]:
     }
     gt_rows = gt_cols = ref_rows = ref_cols = None
     if n_gen and n_gt:
-        sim = cosine_matrix(gen, gt)
-        gt_rows, gt_cols = match_faces(sim)
-        matched = sim[gt_rows, gt_cols]
-        out["SimGT"] = float(matched.mean())
-        out["SimGT_faces"] = matched.tolist()
-        out["match_gt"] = [[int(r), int(c)] for r, c in zip(gt_rows, gt_cols)]
+        sim, gt_rows, gt_cols = _match_into(out, "GT", gen, gt)
         unmatched = np.ones(sim.shape, dtype=bool)
         unmatched[gt_rows, gt_cols] = False
         if unmatched.any():
             out["blending"] = float(sim[unmatched].mean())
     if n_gen and n_ref:
-        sim = cosine_matrix(gen, ref)
-        ref_rows, ref_cols = match_faces(sim)
-        matched = sim[ref_rows, ref_cols]
-        out["SimRef"] = float(matched.mean())
-        out["SimRef_faces"] = matched.tolist()
-        out["match_ref"] = [[int(r), int(c)] for r, c in zip(ref_rows, ref_cols)]
+        _, ref_rows, ref_cols = _match_into(out, "Ref", gen, ref)
     if n_gen and n_gen == n_gt == n_ref:
         # Square matrices: the assignments cover every generated face, rows in ascending order.
         cp = copy_paste_score(gen, gt[gt_cols], ref[ref_cols])

@@ -55,10 +55,12 @@ class IdentityLoss(nn.Module):
         return self.recognizer(crops.to(next(self.recognizer.parameters()).dtype))
 
     def forward(self, pred: torch.Tensor, gt: torch.Tensor, landmarks: torch.Tensor, image_index: torch.Tensor,
-                t: torch.Tensor | None = None, *, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+                t: torch.Tensor | None = None, *, reduction: str = "mean",
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (weighted loss: mean over valid faces, or per face (F,) with reduction="none", 0 for
         invalid faces; embeddings of the generated faces (F, D) for the contrastive loss: those of
-        invalid faces embed an all-black crop, mask them with ``face_warp_valid``)."""
+        invalid faces embed an all-black crop, mask them with ``face_warp_valid``). ``valid``: that
+        mask (F,) bool if the caller already has it (same landmarks, index, transform, backend)."""
         if reduction not in ("mean", "none"):
             raise ValueError(f"IdentityLoss: reduction must be 'mean' or 'none', got {reduction!r}")
         if landmarks.shape[0] == 0:
@@ -67,7 +69,8 @@ class IdentityLoss(nn.Module):
         g = self.embed(pred, landmarks, image_index)
         with torch.no_grad():
             target = self.embed(gt, landmarks, image_index)
-        valid = face_warp_valid(landmarks, image_index, pred.shape[0], transform=self.transform, backend=self.backend)
+        if valid is None:  # callers that need the mask themselves pass it (one fit, not two)
+            valid = face_warp_valid(landmarks, image_index, pred.shape[0], transform=self.transform, backend=self.backend)
         per_face = 1.0 - F.cosine_similarity(g.float(), target.float(), dim=-1, eps=1e-6)
         if self.gating == "released" and t is not None:
             image_t = t[torch.where(valid, image_index, 0)]  # an out-of-range index must not be gathered

@@ -191,11 +191,11 @@ class TrainModel(nn.Module):
         if n_faces > 0:
             x0_hat = unpack_latents(one_step_x0(x_t, v_hat, t), h, w)
             pred = self.vae.decode(x0_hat / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)).sample
-            per_face, g = self.id_loss(pred.float().clamp(-1, 1), batch.images.float(), batch.landmarks, batch.image_index, t,
-                                       reduction="none")
             # Faces whose landmarks cannot be aligned get loss 0 (no host sync); the means count the others.
             valid = face_warp_valid(batch.landmarks, batch.image_index, B, transform=self.id_loss.transform,
                                     backend=self.id_loss.backend)
+            per_face, g = self.id_loss(pred.float().clamp(-1, 1), batch.images.float(), batch.landmarks, batch.image_index, t,
+                                       reduction="none", valid=valid)
             n_valid = D.all_sum(valid.sum().float()).clamp_min(1)
             l_id = per_face.sum() * world / n_valid
             pos = batch.gt_embeddings
