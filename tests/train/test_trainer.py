@@ -96,8 +96,12 @@ def test_two_gloo_processes_match_one_process(tmp_path, data_root, shard):
     a, b = read_log(single["log"]), read_log(tmp_path / "two" / "log.jsonl")
     assert len(a) == len(b) == 3
     for ra, rb in zip(a, b):
+        # Step 1 starts from identical weights: the global gradient must agree to rounding. Later
+        # steps drift a little: AdamW turns rounding-level differences in near-zero gradient
+        # coordinates into lr-sized updates (seen: 2e-6, 2e-5, 9e-4 relative over steps 1-3).
+        rel = 1e-4 if ra["step"] == 1 else 5e-3
         for key in ("loss", "diff", "id", "cl", "grad_norm"):
-            assert ra[key] == pytest.approx(rb[key], rel=2e-4, abs=1e-6), (ra["step"], key, ra[key], rb[key])
+            assert ra[key] == pytest.approx(rb[key], rel=rel, abs=1e-6), (ra["step"], key, ra[key], rb[key])
     wa = torch.load(tmp_path / "one" / "checkpoints" / "step_00000002" / "state.pt", weights_only=False)["step"]
     assert wa == 2
 
