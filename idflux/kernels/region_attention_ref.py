@@ -15,61 +15,103 @@ import torch
 import torch.nn.functional as F
 
 
-def pattern_keys(pattern: int, offsets: list[int]) -> list[int]:
-    """Key positions attended by a token whose membership bitmask is ``pattern``."""
-    keys: list[int] = []
+def _pattern_spans(pattern: int, offsets: list[int]) -> list[tuple[int, int]]:
+    """The key spans of ``pattern``'s references, empty ones dropped and touching ones merged."""
+    spans: list[tuple[int, int]] = []
     for r in range(len(offsets) - 1):
-        if (pattern >> r) & 1:
-            keys.extend(range(offsets[r], offsets[r + 1]))
-    return keys
+        s, e = offsets[r], offsets[r + 1]
+        if (pattern >> r) & 1 and e > s:
+            if spans and spans[-1][1] == s:
+                spans[-1] = (spans[-1][0], e)
+            else:
+                spans.append((s, e))
+    return spans
 
 
-def region_attention_ref(q, k, v, membership, ref_offsets, scale=None):
-    """Reference region attention. Shapes as :func:`idflux.kernels.region_attention`.
+def token_groups(membership, image_index, ref_offsets) -> list[tuple]:
+    """Tokens grouped by (image, membership pattern), with the keys each group attends to.
 
-    Computes in fp32 (float64 stays float64) and returns ``q.dtype``. Assumes valid input.
+    membership (T,) integer bitmask, image_index (T,) in [0, B), ref_offsets (B, R+1). Returns a list
+    of (b, rows, keys), one per group that attends to at least one key, in (image, pattern) order:
+    ``rows`` (the group's tokens, ascending) and ``keys`` are slices where contiguous (views, no
+    gather: a layout sorted by pattern, as the engine's, has contiguous groups; a one-reference
+    pattern has one key span), int64 index tensors on membership's device otherwise. Reads the
+    values on the host: the CPU path, computed once per layout by the public ops.
     """
-    B, H, Nq, D = q.shape
+    dev = membership.device
+    mem = membership.reshape(-1).long().cpu()
+    img = image_index.reshape(-1).long().cpu()
+    offsets = ref_offsets.long().cpu().tolist()
+    if mem.numel() == 0:
+        return []
+    pairs, inverse = torch.unique(torch.stack([img, mem], 1), dim=0, return_inverse=True)
+    order = torch.argsort(inverse, stable=True)
+    counts = torch.bincount(inverse, minlength=pairs.shape[0]).tolist()
+    groups, start = [], 0
+    for (b, pattern), n in zip(pairs.tolist(), counts):
+        rows, start = order[start:start + n], start + n
+        spans = _pattern_spans(pattern, offsets[b]) if pattern else []
+        if not spans:  # no bit, or bits only on empty references: nothing to attend to
+            continue
+        if len(spans) == 1:
+            keys = slice(*spans[0])
+        else:
+            keys = torch.cat([torch.arange(s, e) for s, e in spans]).to(dev)
+        first = int(rows[0])
+        rows = slice(first, first + n) if int(rows[-1]) - first + 1 == n else rows.to(dev)
+        groups.append((b, rows, keys))
+    return groups
+
+
+def region_attention_packed_ref(q, k, v, membership, image_index, ref_offsets, scale=None, groups=None):
+    """Reference of the packed form: q (T, H, D) in-box tokens of several images, membership (T,),
+    image_index (T,); k, v (B, H, Nkv, D). Returns (T, H, D) in q's dtype, computed in fp32
+    (float64 stays float64). One unmasked attention per (image, pattern) group; ``groups`` is
+    :func:`token_groups` of the layout when the caller has it already. Assumes valid input."""
+    T, H, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     acc = torch.promote_types(q.dtype, torch.float32)
-    offsets = ref_offsets.cpu().tolist()
-    rows_all, outs = [], []
-    for b in range(B):
-        patterns, inverse = torch.unique(membership[b], return_inverse=True)
-        for j, pattern in enumerate(patterns.tolist()):
-            keys = pattern_keys(pattern, offsets[b]) if pattern else []
-            if not keys:  # no bit, or bits only on empty references: nothing to attend to
-                continue
-            rows_t = (inverse == j).nonzero().squeeze(1)
-            keys_t = torch.tensor(keys, device=q.device)
-            qs = q[b, :, rows_t].to(acc)
-            ks = k[b, :, keys_t].to(acc)
-            vs = v[b, :, keys_t].to(acc)
-            outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale))  # (H, n_rows, D)
-            rows_all.append(rows_t + b * Nq)
-    out = q.new_zeros((B * Nq, H, D), dtype=acc)
-    if not outs and B:
+    if groups is None:
+        groups = token_groups(membership, image_index, ref_offsets)
+    results = []
+    for b, rows, keys in groups:
+        # 4-D (1, H, n, D): the rank SDPA's fused CPU kernel takes (3-D goes to the slower math path).
+        qs = q[rows].transpose(0, 1).to(acc)[None]
+        ks, vs = k[b, :, keys].to(acc)[None], v[b, :, keys].to(acc)[None]
+        results.append((rows, F.scaled_dot_product_attention(qs, ks, vs, scale=scale)[0].transpose(0, 1)))
+    if not results:
         # No token attends anywhere: keep the (all-zero) result in the autograd graph of q, k and v,
         # so backward gives zero gradients instead of "does not require grad".
-        empty = (k[0, :, :0].sum() + v[0, :, :0].sum()).to(acc)
-        outs.append(q[0, :, :0].to(acc) + empty)
-        rows_all.append(torch.zeros(0, dtype=torch.long, device=q.device))
-    if outs:
-        o = torch.cat(outs, dim=1).transpose(0, 1)  # (rows, H, D)
-        out = out.index_copy(0, torch.cat(rows_all), o)
-    return out.view(B, Nq, H, D).transpose(1, 2).to(q.dtype)
-
-
-def region_attention_packed_ref(q, k, v, membership, image_index, ref_offsets, scale=None):
-    """Reference of the packed form: q (T, H, D) in-box tokens of several images, membership (T,),
-    image_index (T,); k, v (B, H, Nkv, D). Returns (T, H, D)."""
-    out = torch.zeros_like(q, dtype=torch.promote_types(q.dtype, torch.float32))
-    for b in image_index.unique().tolist():
-        rows = (image_index == b).nonzero().squeeze(1)
-        qb = q[rows].transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
-        ob = region_attention_ref(qb, k[b : b + 1], v[b : b + 1], membership[rows].unsqueeze(0), ref_offsets[b : b + 1], scale)
-        out = out.index_copy(0, rows, ob[0].transpose(0, 1).to(out.dtype))
+        empty = (k[:, :, :0].sum() + v[:, :, :0].sum()).to(acc)
+        return (q.to(acc) * 0 + empty).to(q.dtype)
+    if all(isinstance(rows, slice) for rows, _ in results):
+        # Contiguous groups: one concatenation with zero rows in the gaps, no scatter.
+        pieces, at = [], 0
+        for rows, o in sorted(results, key=lambda r: r[0].start):
+            if rows.start > at:
+                pieces.append(q.new_zeros((rows.start - at, H, D), dtype=acc))
+            pieces.append(o)
+            at = rows.stop
+        if at < T:
+            pieces.append(q.new_zeros((T - at, H, D), dtype=acc))
+        return torch.cat(pieces).to(q.dtype)
+    index = torch.cat([torch.arange(r.start, r.stop, device=q.device) if isinstance(r, slice) else r for r, _ in results])
+    out = q.new_zeros((T, H, D), dtype=acc).index_copy(0, index, torch.cat([o for _, o in results]))
     return out.to(q.dtype)
+
+
+def region_attention_ref(q, k, v, membership, ref_offsets, scale=None, groups=None):
+    """Reference region attention. Shapes as :func:`idflux.kernels.region_attention`.
+
+    Computes in fp32 (float64 stays float64) and returns ``q.dtype``; the packed reference on the
+    (B * Nq) tokens. ``groups``: :func:`token_groups` of the flattened layout (image index
+    ``arange(B * Nq) // Nq``) when the caller has it. Assumes valid input.
+    """
+    B, H, Nq, D = q.shape
+    image_index = torch.arange(B * Nq, device=q.device) // max(Nq, 1)
+    qp = q.transpose(1, 2).reshape(B * Nq, H, D)
+    out = region_attention_packed_ref(qp, k, v, membership.reshape(-1), image_index, ref_offsets, scale, groups)
+    return out.view(B, Nq, H, D).transpose(1, 2)
 
 
 def dense_mask_from_membership(membership, ref_offsets, n_kv: int):

@@ -175,3 +175,15 @@ def test_adapter_block_compiles_without_graph_breaks():
     eager = adapter.apply(1, img, ctx)  # validates the layout (a compiled graph skips value checks)
     compiled = torch.compile(lambda x: adapter.apply(1, x, ctx), backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(img), eager, atol=1e-5, rtol=1e-5)
+
+
+def test_region_layout_groups_tokens_by_image_and_pattern():
+    membership = boxes_to_membership([[(0, 0, 40, 40), (24, 24, 64, 64)], [(16, 0, 48, 32), (0, 0, 16, 16)]], 64, 64)
+    layout = RegionLayout.from_membership(membership, 2)
+    b, t, pm = layout.b_idx, layout.t_idx, layout.packed_membership
+    assert sorted(zip(b.tolist(), t.tolist())) == sorted(map(tuple, (membership != 0).nonzero().tolist()))
+    assert torch.equal(pm, membership[b, t])
+    keys = list(zip(b.tolist(), pm.tolist(), t.tolist()))
+    assert keys == sorted(keys), "tokens must be ordered by image, then pattern, then grid position"
+    assert torch.equal(layout.rows, b * membership.shape[1] + t)
+    assert {3} <= set(pm[b == 0].tolist()), "the overlap of image 0's boxes is its own group"

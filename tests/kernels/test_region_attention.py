@@ -652,3 +652,68 @@ def test_packed_form_with_no_tokens():
     assert out.shape == (0, 2, 16)
     (dk,) = torch.autograd.grad(out.sum(), (k,))
     assert torch.equal(dk, torch.zeros_like(dk))
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference's token groups (the CPU path): slices where a layout is sorted, cached per layout
+# ---------------------------------------------------------------------------------------------
+
+from idflux.kernels.region_attention_ref import region_attention_packed_ref, token_groups  # noqa: E402
+
+
+def test_token_groups_slices_spans_and_indices():
+    offs = torch.tensor([[0, 3, 3, 7], [0, 2, 5, 5]])
+    # image 0: two tokens of ref 0, a no-box token, refs 0+2 (spans touch through empty ref 1),
+    # a token of the empty ref 1 only; image 1: refs 0+1 on non-adjacent rows.
+    mem = torch.tensor([1, 1, 0, 5, 2, 3, 1, 3])
+    img = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1])
+    groups = token_groups(mem, img, offs)
+    got = [(b, rows if isinstance(rows, slice) else rows.tolist(), keys if isinstance(keys, slice) else keys.tolist())
+           for b, rows, keys in groups]
+    assert got == [(0, slice(0, 2), slice(0, 3)), (0, slice(3, 4), slice(0, 7)),
+                   (1, slice(6, 7), slice(0, 2)), (1, [5, 7], slice(0, 5))]
+    # refs 0 and 2 of image 1 in one pattern: two spans that do not touch -> an index tensor
+    (_, _, keys), = token_groups(torch.tensor([5]), torch.tensor([0]), torch.tensor([[0, 2, 4, 6]]))
+    assert keys.tolist() == [0, 1, 4, 5]
+    assert token_groups(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), offs) == []
+
+
+@pytest.mark.parametrize("sort", [False, True], ids=["scattered", "sorted"])
+def test_packed_reference_matches_dense_sdpa_both_assemblies(sort):
+    """Unsorted tokens take the index_copy assembly, tokens sorted by (image, pattern) the slice and
+    concatenation one (with zero rows between and after groups); both equal SDPA with the mask."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, mem, offs = random_case(2, 3, 41, 16, [[6, 0, 5], [4, 9]], gen=gen)
+    b_idx, t_idx = torch.arange(2).repeat_interleave(41), torch.arange(41).repeat(2)
+    pm = mem[b_idx, t_idx]
+    if sort:
+        order = torch.argsort(pm, stable=True)
+        order = order[torch.argsort(b_idx[order], stable=True)]
+        b_idx, t_idx, pm = b_idx[order], t_idx[order], pm[order]
+    qp = q[b_idx, :, t_idx].clone().requires_grad_()
+    kk, vv = k.clone().requires_grad_(), v.clone().requires_grad_()
+    groups = token_groups(pm, b_idx, offs)
+    assert all(isinstance(r, slice) for _, r, _ in groups) == sort
+    out = region_attention_packed(qp, kk, vv, pm, b_idx, offs, backend="torch")
+    want, _ = sdpa_dense(q, k, v, mem, offs)
+    torch.testing.assert_close(out, want[b_idx, :, t_idx], atol=2e-5, rtol=2e-5, msg="out")
+    go = torch.randn(out.shape, generator=gen)
+    out.backward(go)
+    q2, k2, v2 = (t.clone().requires_grad_() for t in (q, k, v))
+    full = torch.zeros_like(want)
+    full[b_idx, :, t_idx] = go
+    sdpa_dense(q2, k2, v2, mem, offs)[0].backward(full)
+    for name, got, ref in (("dq", qp.grad, q2.grad[b_idx, :, t_idx]), ("dk", kk.grad, k2.grad), ("dv", vv.grad, v2.grad)):
+        torch.testing.assert_close(got, ref, atol=5e-5, rtol=5e-5, msg=name)
+
+
+def test_reference_groups_follow_in_place_layout_changes():
+    q, k, v, mem, offs = random_case(1, 2, 30, 8, [[4, 5]])
+    first = region_attention(q, k, v, mem, offs, backend="torch")
+    mem[0, :10] = 3 - mem[0, :10].clamp(max=3)  # same tensor, new values: cached groups must not be reused
+    second = region_attention(q, k, v, mem, offs, backend="torch")
+    torch.testing.assert_close(second, sdpa_dense(q, k, v, mem, offs)[0], atol=2e-5, rtol=2e-5)
+    assert not torch.equal(first, second)
+    # the cached groups serve later calls with the same layout tensors, and agree with fresh ones
+    again = region_attention_packed_ref(q[0].transpose(0, 1), k, v, mem[0], torch.zeros(30, dtype=torch.long), offs)
+    torch.testing.assert_close(region_attention(q, k, v, mem, offs, backend="torch")[0].transpose(0, 1), again)
