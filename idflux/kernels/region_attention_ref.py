@@ -63,54 +63,82 @@ def token_groups(membership, image_index, ref_offsets) -> list[tuple]:
     return groups
 
 
+def _grouped_attention(q, k, v, groups, acc, scale):
+    """(T, H, D) attention output of the packed queries q, one unmasked SDPA per group; rows of no
+    group are 0.
+
+    The groups' queries come out of q in one operation (a split when every group is a slice, else
+    one index_select), so the backward writes q's gradient once instead of one q-sized buffer per
+    group."""
+    T, H, D = q.shape
+    if not groups:
+        # No token attends anywhere: keep the (all-zero) result in the autograd graph of q, k and v,
+        # so backward gives zero gradients instead of "does not require grad".
+        empty = (k[:, :, :0].sum() + v[:, :, :0].sum() + q[:0].sum()).to(acc)  # 0, in the graph
+        return q.new_zeros((T, H, D), dtype=acc) + empty
+    contiguous = all(isinstance(rows, slice) for _, rows, _ in groups)
+    if contiguous:
+        groups = sorted(groups, key=lambda g: g[1].start)
+        sizes, is_group, at = [], [], 0  # the groups and the gaps between them tile [0, T)
+        for _, rows, _ in groups:
+            if rows.start > at:
+                sizes.append(rows.start - at)
+                is_group.append(False)
+            sizes.append(rows.stop - rows.start)
+            is_group.append(True)
+            at = rows.stop
+        if at < T:
+            sizes.append(T - at)
+            is_group.append(False)
+        parts = q.split(sizes)
+        queries = [p for p, g in zip(parts, is_group) if g]
+    else:
+        index = torch.cat([torch.arange(r.start, r.stop, device=q.device) if isinstance(r, slice) else r
+                           for _, r, _ in groups])
+        queries = q.index_select(0, index).split([_size(r) for _, r, _ in groups])
+    outs = []
+    for (b, _, keys), qs in zip(groups, queries):
+        # 4-D (1, H, n, D): the rank SDPA's fused CPU kernel takes (3-D goes to the slower math path).
+        qs = qs.transpose(0, 1).to(acc)[None]
+        ks, vs = k[b, :, keys].to(acc)[None], v[b, :, keys].to(acc)[None]
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale)[0].transpose(0, 1))
+    if contiguous:  # one concatenation with zero rows in the gaps, no scatter
+        it = iter(outs)
+        return torch.cat([next(it) if g else q.new_zeros((n, H, D), dtype=acc) for n, g in zip(sizes, is_group)])
+    return q.new_zeros((T, H, D), dtype=acc).index_copy(0, index, torch.cat(outs))
+
+
+def _size(rows) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+
+
 def region_attention_packed_ref(q, k, v, membership, image_index, ref_offsets, scale=None, groups=None):
     """Reference of the packed form: q (T, H, D) in-box tokens of several images, membership (T,),
     image_index (T,); k, v (B, H, Nkv, D). Returns (T, H, D) in q's dtype, computed in fp32
     (float64 stays float64). One unmasked attention per (image, pattern) group; ``groups`` is
     :func:`token_groups` of the layout when the caller has it already. Assumes valid input."""
-    T, H, D = q.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     acc = torch.promote_types(q.dtype, torch.float32)
     if groups is None:
         groups = token_groups(membership, image_index, ref_offsets)
-    results = []
-    for b, rows, keys in groups:
-        # 4-D (1, H, n, D): the rank SDPA's fused CPU kernel takes (3-D goes to the slower math path).
-        qs = q[rows].transpose(0, 1).to(acc)[None]
-        ks, vs = k[b, :, keys].to(acc)[None], v[b, :, keys].to(acc)[None]
-        results.append((rows, F.scaled_dot_product_attention(qs, ks, vs, scale=scale)[0].transpose(0, 1)))
-    if not results:
-        # No token attends anywhere: keep the (all-zero) result in the autograd graph of q, k and v,
-        # so backward gives zero gradients instead of "does not require grad".
-        empty = (k[:, :, :0].sum() + v[:, :, :0].sum()).to(acc)
-        return (q.to(acc) * 0 + empty).to(q.dtype)
-    if all(isinstance(rows, slice) for rows, _ in results):
-        # Contiguous groups: one concatenation with zero rows in the gaps, no scatter.
-        pieces, at = [], 0
-        for rows, o in sorted(results, key=lambda r: r[0].start):
-            if rows.start > at:
-                pieces.append(q.new_zeros((rows.start - at, H, D), dtype=acc))
-            pieces.append(o)
-            at = rows.stop
-        if at < T:
-            pieces.append(q.new_zeros((T - at, H, D), dtype=acc))
-        return torch.cat(pieces).to(q.dtype)
-    index = torch.cat([torch.arange(r.start, r.stop, device=q.device) if isinstance(r, slice) else r for r, _ in results])
-    out = q.new_zeros((T, H, D), dtype=acc).index_copy(0, index, torch.cat([o for _, o in results]))
-    return out.to(q.dtype)
+    return _grouped_attention(q, k, v, groups, acc, scale).to(q.dtype)
 
 
 def region_attention_ref(q, k, v, membership, ref_offsets, scale=None, groups=None):
     """Reference region attention. Shapes as :func:`idflux.kernels.region_attention`.
 
-    Computes in fp32 (float64 stays float64) and returns ``q.dtype``; the packed reference on the
-    (B * Nq) tokens. ``groups``: :func:`token_groups` of the flattened layout (image index
-    ``arange(B * Nq) // Nq``) when the caller has it. Assumes valid input.
+    Computes in fp32 (float64 stays float64) and returns ``q.dtype``: the packed reference on the
+    B * Nq tokens. ``groups``: :func:`token_groups` of the flattened layout (token ``b * Nq + i``,
+    image index ``arange(B * Nq) // Nq``) when the caller has it. Assumes valid input.
     """
     B, H, Nq, D = q.shape
-    image_index = torch.arange(B * Nq, device=q.device) // max(Nq, 1)
+    if groups is None:
+        image_index = torch.arange(B * Nq, device=q.device) // max(Nq, 1)
+        groups = token_groups(membership.reshape(-1), image_index, ref_offsets)
+    # One transposed copy of q, then row gathers from it: ~2x faster on the CPU than gathering each
+    # group from the (B, H, Nq, D) strides.
     qp = q.transpose(1, 2).reshape(B * Nq, H, D)
-    out = region_attention_packed_ref(qp, k, v, membership.reshape(-1), image_index, ref_offsets, scale, groups)
+    out = region_attention_packed_ref(qp, k, v, None, None, ref_offsets, scale, groups)
     return out.view(B, Nq, H, D).transpose(1, 2)
 
 
