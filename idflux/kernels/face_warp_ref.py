@@ -117,25 +117,30 @@ def face_warp_ref(
     lo, hi = float(value_range[0]), float(value_range[1])
     ct = torch.float64 if images.dtype == torch.float64 else torch.float32
     img = images.to(ct)
-    _, C, H, W = img.shape
+    B, C, H, W = img.shape
     F = matrices.shape[0]
     r = torch.arange(size, device=img.device, dtype=ct)
     v, u = torch.meshgrid(r, r, indexing="ij")
     grid = torch.stack([u.reshape(-1), v.reshape(-1), torch.ones_like(u).reshape(-1)])  # (3, S*S)
     xy = matrices.to(device=img.device, dtype=ct) @ grid  # (F, 2, S*S)
     # Far-away points only need to stay far away: the clamp keeps the integer tap indices small.
-    x, y = xy[:, 0].clamp(-3, W + 2), xy[:, 1].clamp(-3, H + 2)
-    x0, y0 = x.floor(), y.floor()
-    taps = (0, 1) if interpolation == "bilinear" else (-1, 0, 1, 2)
-    face = image_index.to(img.device, torch.long)[:, None]
-    acc = img.new_zeros(F, size * size, C)
-    for j in taps:
-        yj = y0 + j
-        wy = _tap_weight(y - yj, interpolation) * ((yj >= 0) & (yj < H))
-        for i in taps:
-            xi = x0 + i
-            w = wy * _tap_weight(x - xi, interpolation) * ((xi >= 0) & (xi < W))
-            val = img[face, :, yj.clamp(0, H - 1).long(), xi.clamp(0, W - 1).long()]  # (F, S*S, C)
-            acc = acc + w[..., None] * (val - lo)
+    x, y = xy[:, 0].clamp(-3, W + 2)[..., None], xy[:, 1].clamp(-3, H + 2)[..., None]  # (F, S*S, 1)
+    taps = torch.tensor((0, 1) if interpolation == "bilinear" else (-1, 0, 1, 2), device=img.device, dtype=ct)
+    ys, xs = y.floor() + taps, x.floor() + taps  # (F, S*S, T): tap rows and columns
+    # Separable weights; a tap outside the image weighs 0, so it reads black (value_range[0]) below.
+    wy = _tap_weight(y - ys, interpolation) * ((ys >= 0) & (ys < H))
+    wx = _tap_weight(x - xs, interpolation) * ((xs >= 0) & (xs < W))
+    w = (wy[..., :, None] * wx[..., None, :]).flatten(2)  # (F, S*S, T*T)
+    # Every tap of every crop pixel and channel comes out of one index_select of the flat image, and
+    # its backward is one index_add into the image gradient (a gather per tap would cost the
+    # backward one image-sized buffer per tap). Taps last: the weighted sum reduces contiguous memory.
+    base = image_index.to(img.device, torch.long)[:, None, None, None] * (C * H * W)
+    pixel = ys.clamp(0, H - 1).long()[..., :, None] * W + xs.clamp(0, W - 1).long()[..., None, :]  # (F, S*S, T, T)
+    index = base + torch.arange(C, device=img.device)[:, None] * (H * W) + pixel.flatten(2)[:, :, None, :]
+    if img.numel() < 2**31:
+        index = index.to(torch.int32)  # half the index memory
+    taps_val = img.reshape(-1).index_select(0, index.reshape(-1)).view(index.shape)  # (F, S*S, C, T*T)
+    w = w[:, :, None, :]
+    acc = (taps_val * w).sum(-1) - lo * w.sum(-1)  # sum of w * (value - lo): (F, S*S, C)
     out = acc * (2.0 / (hi - lo)) - 1.0
     return out.transpose(1, 2).reshape(F, C, size, size).to(images.dtype)
