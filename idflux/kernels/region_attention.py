@@ -74,13 +74,25 @@ def _check_common(fn, q, k, v, membership, ref_offsets, scale, H, D):
                   f"(int64 bitmask): split the references over several calls")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         _fail(fn, f"scale must be a positive finite number or None (1/sqrt(D)), got {scale!r}")
-    # Data checks need the values: a host sync on CUDA. The same layout tensors come back for every
-    # module and every denoising step, so a layout that passed is remembered (see _seen_before).
-    # Under torch.compile they are skipped (a traced graph cannot read values): validate a layout
-    # with one eager call first.
-    Nkv = k.shape[2]
-    if torch.compiler.is_compiling() or _seen_before(("layout", Nkv, R), membership, ref_offsets):
-        return
+
+
+def _layout_entry(fn, membership, image_index, ref_offsets, Nkv, R, B):
+    """The cache entry (a dict) of a layout whose values passed the checks; None under torch.compile.
+
+    The value checks read the layout back (a host sync on CUDA). The same layout tensors come back
+    for every module and every denoising step, so the first call checks them and remembers the
+    tensors (see _seen_before); later calls get the same dict back, which also holds what was
+    derived from the layout (the kernels' tile plan, the reference's token groups). Under
+    torch.compile the checks are skipped (a traced graph cannot read values): validate a layout
+    with one eager call first.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    tensors = (membership, ref_offsets) if image_index is None else (membership, image_index, ref_offsets)
+    tag = ("layout", Nkv, R, B, image_index is None)
+    entry = _seen_before(tag, *tensors, value=True)
+    if entry is not None:
+        return entry
     offs = ref_offsets.long()
     mem = membership.long()
     bad_range = offs.numel() and bool(((offs < 0) | (offs > Nkv)).any())
@@ -94,7 +106,12 @@ def _check_common(fn, q, k, v, membership, ref_offsets, scale, H, D):
     if bad_bits:
         bad = mem[(mem < 0) | ((mem >> R) != 0)][0].item()
         _fail(fn, f"membership has bits beyond the R = {R} references of ref_offsets (e.g. value {bad}); bit r must be < R")
-    _remember(("layout", Nkv, R), membership, ref_offsets)
+    if image_index is not None and image_index.numel() and bool(((image_index < 0) | (image_index >= B)).any()):
+        _fail(fn, f"image_index must lie in [0, B={B}) (B = k.shape[0]), got values in "
+                  f"[{int(image_index.min())}, {int(image_index.max())}]")
+    entry = {}
+    _remember(tag, *tensors, payload=entry)
+    return entry
 
 
 # Tensors whose values were already checked (or planned from), keyed by identity. An entry holds weak
@@ -136,6 +153,7 @@ def _check_inputs(q, k, v, membership, ref_offsets, scale):
     _check_common(fn, q, k, v, membership, ref_offsets, scale, q.shape[1], q.shape[3])
     if membership.shape != (q.shape[0], q.shape[2]):
         _fail(fn, f"membership must be (B, Nq) = ({q.shape[0]}, {q.shape[2]}), got {tuple(membership.shape)}")
+    return _layout_entry(fn, membership, None, ref_offsets, k.shape[2], ref_offsets.shape[1] - 1, q.shape[0])
 
 
 def _check_packed(q, k, v, membership, image_index, ref_offsets, scale):
@@ -153,12 +171,7 @@ def _check_packed(q, k, v, membership, image_index, ref_offsets, scale):
         _fail(fn, f"image_index must be (T,) = ({T},), got {tuple(image_index.shape)}")
     if image_index.device != q.device:
         _fail(fn, f"image_index is on {image_index.device} but q is on {q.device}; move all inputs to one device")
-    B = k.shape[0]
-    if T and not torch.compiler.is_compiling() and not _seen_before(("image_index", B), image_index):
-        if bool(((image_index < 0) | (image_index >= B)).any()):
-            _fail(fn, f"image_index must lie in [0, B={B}) (B = k.shape[0]), got values in "
-                      f"[{int(image_index.min())}, {int(image_index.max())}]")
-        _remember(("image_index", B), image_index)
+    return _layout_entry(fn, membership, image_index, ref_offsets, k.shape[2], ref_offsets.shape[1] - 1, k.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,12 +269,14 @@ def _packed_plan(membership: torch.Tensor, image_index: torch.Tensor, n_images: 
     return build_plan(membership, image_index, rows, n_images, n_refs)
 
 
-def _plan_for(membership, image_index, n_images, ref_offsets):
-    """(plan, hint) for a layout. The plan (see :func:`build_plan`) is cached in eager mode (the same
-    layout tensors come back for every module and every denoising step) and traced into the graph
-    under torch.compile. hint = (most tiles any reference's list holds, longest key span), read back
-    once per layout in eager mode (one host sync, like the input checks) to size the dk/dv launch;
-    None under torch.compile (static sizes)."""
+def _plan_for(entry, membership, image_index, n_images, ref_offsets):
+    """(plan, hint) for a layout. The plan (see :func:`build_plan`) is kept in the layout's cache
+    entry in eager mode (the same layout tensors come back for every module and every denoising
+    step) and traced into the graph under torch.compile (``entry`` None). hint = (most tiles any
+    reference's list holds, longest key span, largest first offset, smallest last offset), read
+    back once per layout in eager mode (one host sync, like the input checks) to size the dk/dv
+    launch and to know whether the references' spans cover every key; None under torch.compile
+    (static sizes)."""
     n_refs = ref_offsets.shape[1] - 1
 
     def build():
@@ -269,19 +284,20 @@ def _plan_for(membership, image_index, n_images, ref_offsets):
             return _dense_plan(membership, n_refs)
         return _packed_plan(membership, image_index, n_images, n_refs)
 
-    if torch.compiler.is_compiling():
+    if entry is None:
         return build(), None
-    tensors = (membership, ref_offsets) if image_index is None else (membership, image_index, ref_offsets)
-    tag = ("plan", n_images, n_refs, _BLOCK_M)
-    cached = _seen_before(tag, *tensors, value=True)
+    key = ("plan", _BLOCK_M)
+    cached = entry.get(key)
     if cached is None:
         plan = build()
         ref_counts = plan[3]
         spans = (ref_offsets[:, 1:] - ref_offsets[:, :-1]).reshape(-1)
-        stats = torch.stack([ref_counts.max() if ref_counts.numel() else ref_counts.new_zeros(()),
-                             spans.max().to(ref_counts.dtype) if spans.numel() else ref_counts.new_zeros(())])
-        cached = (plan, tuple(int(x) for x in stats.tolist()))
-        _remember(tag, *tensors, payload=cached)
+        zero = ref_counts.new_zeros(())
+        offs = ref_offsets.to(ref_counts.dtype)
+        stats = torch.stack([ref_counts.max() if ref_counts.numel() else zero,
+                             spans.max().to(ref_counts.dtype) if spans.numel() else zero,
+                             offs[:, 0].max() if offs.numel() else zero, offs[:, -1].min() if offs.numel() else zero])
+        cached = entry[key] = (plan, tuple(int(x) for x in stats.tolist()))
     return cached
 
 
@@ -300,7 +316,7 @@ def _dkdv_grid(B, R, H, Nkv, block_n, hint, device):
     """
     if hint is None:
         return -(-Nkv // block_n), (DKDV_SPLIT or 1)
-    max_tiles, max_span = hint
+    max_tiles, max_span = hint[:2]
     nb = max(1, -(-max_span // block_n))
     if DKDV_SPLIT is not None:
         return nb, DKDV_SPLIT
@@ -314,9 +330,10 @@ def _dkdv_grid(B, R, H, Nkv, block_n, hint, device):
 def _geometry(t, membership):
     """(batch, head, row) strides of a q-shaped tensor, dense (B, H, N, D) or packed (T, H, D), and
     membership's (batch, row) strides."""
-    if t.dim() == 3:
-        return (0, t.stride(1), t.stride(0)), (0, membership.stride(0))
-    return (t.stride(0), t.stride(1), t.stride(2)), (membership.stride(0), membership.stride(1))
+    st, ms = t.stride(), membership.stride()
+    if len(st) == 3:
+        return (0, st[1], st[0]), (0, ms[0])
+    return st[:3], ms[:2]
 
 
 def _lse_like(q, fill):
@@ -335,9 +352,21 @@ def _heads(q):
     return q.shape[1]  # (T, H, D) and (B, H, Nq, D) alike
 
 
-def _fwd_impl(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale):
-    from idflux.kernels._region_attention_triton import LOG2E, _region_attention_fwd
+_KERNELS = None
 
+
+def _kernels():
+    """The Triton kernels' module, imported on first use (the package imports without triton)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from idflux.kernels import _region_attention_triton
+
+        _KERNELS = _region_attention_triton
+    return _KERNELS
+
+
+def _fwd_impl(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale):
+    kern = _kernels()
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     D, H = q.shape[-1], _heads(q)
     R = ref_offsets.shape[1] - 1
@@ -347,11 +376,11 @@ def _fwd_impl(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_coun
     lse = _lse_like(q, None)
     qs, ms = _geometry(q, membership)
     os_, _ = _geometry(out, membership)
-    _region_attention_fwd[(tiles.shape[0], H)](
+    kern._region_attention_fwd[(tiles.shape[0], H)](
         q, k, v, out, lse, membership, ref_offsets, tiles, rows,
-        *qs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), *os_,
+        *qs, *k.stride()[:3], *v.stride()[:3], *os_,
         *_lse_strides(lse), *ms, ref_offsets.stride(0),
-        R, scale * LOG2E,
+        R, scale * kern.LOG2E,
         BLOCK_M=_BLOCK_M, BLOCK_N=_block_n(k.shape[2], R), BLOCK_D=max(16, triton_next_pow2(D)), HEAD_D=D,
         IEEE=q.dtype == torch.float32, num_warps=4,
     )
@@ -364,8 +393,7 @@ BWD_DKDV = "key_parallel"
 
 
 def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale, hint=None):
-    from idflux.kernels._region_attention_triton import LOG2E, _region_attention_bwd, _region_attention_bwd_dkdv
-
+    kern = _kernels()
     q, k, v, out, do = (_last_dim_contiguous(t) for t in (q, k, v, out, do))
     D, H = q.shape[-1], _heads(q)
     B, Nkv = k.shape[0], k.shape[2]
@@ -374,31 +402,36 @@ def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_t
     block_n = _block_n(Nkv, R)
     nb, split = _dkdv_grid(B, R, H, Nkv, block_n, hint, k.device)
     dq = torch.empty_like(q)  # every row written by the dq kernel (zero tiles: zeros)
-    acc_dtype = torch.float32 if atomic or split > 1 else k.dtype
-    dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
-    dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
+    accumulate = atomic or split > 1
+    acc_dtype = torch.float32 if accumulate else k.dtype
+    # The key-parallel kernel stores every key of every reference span; only keys outside all spans
+    # (and accumulated buffers) need zeros first: no memsets when the spans cover [0, Nkv).
+    covered = hint is not None and hint[2] == 0 and hint[3] == Nkv
+    alloc = torch.empty if covered and not accumulate and R else torch.zeros
+    dk = alloc(k.shape, dtype=acc_dtype, device=k.device)
+    dv = alloc(v.shape, dtype=acc_dtype, device=v.device)
     if not (q.numel() and Nkv):
-        return dq.zero_(), dk.to(k.dtype), dv.to(v.dtype)
+        return dq.zero_(), dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
     delta = torch.empty_like(lse)  # written by the dq kernel for every planned row, read by dk/dv
     qs, ms = _geometry(q, membership)
     os_, ds_, gs = (_geometry(t, membership)[0] for t in (out, do, dq))
     ls = _lse_strides(lse)
     common = dict(BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_D=max(16, triton_next_pow2(D)), HEAD_D=D,
                   IEEE=q.dtype == torch.float32, num_warps=4)
-    _region_attention_bwd[(tiles.shape[0], H)](
+    kern._region_attention_bwd[(tiles.shape[0], H)](
         q, k, v, out, do, dq, dk, dv, lse, delta, membership, ref_offsets, tiles, rows,
         *qs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         *os_, *ds_, *gs, dk.stride(0), dk.stride(1), dk.stride(2),
         *ls, *ms, ref_offsets.stride(0),
-        R, scale * LOG2E, scale, ATOMIC_DKDV=atomic, **common,
+        R, scale * kern.LOG2E, scale, ATOMIC_DKDV=atomic, **common,
     )
     if not atomic and R:
-        _region_attention_bwd_dkdv[(B * R * nb * split, H)](
+        kern._region_attention_bwd_dkdv[(B * R * nb * split, H)](
             q, k, v, do, dk, dv, lse, delta, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts,
             *qs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             *ds_, dk.stride(0), dk.stride(1), dk.stride(2),
             *ls, *ms, ref_offsets.stride(0), ref_tiles.stride(0),
-            R, nb, split, scale * LOG2E, scale, ADD_OUT=split > 1, **common,
+            R, nb, split, scale * kern.LOG2E, scale, ADD_OUT=split > 1, **common,
         )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
@@ -454,43 +487,43 @@ class RegionAttentionFunction(torch.autograd.Function):
     the custom op is used instead (see :func:`_region_attention_triton`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale, hint):
-        out, lse = _fwd_impl(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale)
-        ctx.save_for_backward(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, out, lse)
-        ctx.scale, ctx.hint = scale, hint
+    def forward(ctx, q, k, v, layout, scale, hint):
+        # layout = (membership, ref_offsets, tiles, rows, ref_tiles, ref_counts): integer tensors that
+        # need no gradient, passed as one argument (apply's per-argument cost adds up at 114 calls
+        # per FLUX step). The caller's two are saved (an in-place change before the backward is
+        # caught); the plan is the layout cache's own and stays on ctx.
+        membership, ref_offsets, *plan = layout
+        out, lse = _fwd_impl(q, k, v, membership, ref_offsets, *plan, scale)
+        ctx.save_for_backward(q, k, v, membership, ref_offsets, out, lse)
+        ctx.plan, ctx.scale, ctx.hint = plan, scale, hint
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, out, lse = ctx.saved_tensors
-        dq, dk, dv = _bwd_impl(d_out, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts,
-                               ctx.scale, ctx.hint)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        q, k, v, membership, ref_offsets, out, lse = ctx.saved_tensors
+        dq, dk, dv = _bwd_impl(d_out, q, k, v, out, lse, membership, ref_offsets, *ctx.plan, ctx.scale, ctx.hint)
+        return dq, dk, dv, None, None, None
 
 
 def _region_attention_triton(q, k, v, membership, ref_offsets, planned, scale):
     plan, hint = planned
     if torch.compiler.is_compiling():
         return _fwd_op(q, k, v, membership, ref_offsets, *plan, scale)[0]
-    return RegionAttentionFunction.apply(q, k, v, membership, ref_offsets, *plan, scale, hint)
+    return RegionAttentionFunction.apply(q, k, v, (membership, ref_offsets, *plan), scale, hint)
 
 
-def _groups_for(membership, image_index, ref_offsets, n_rows):
-    """The reference's token groups (:func:`token_groups`) of a layout, cached like the tile plan
-    (the CPU path then reads no values back after a layout's first call); None under torch.compile
-    (the reference computes them in the graph)."""
-    if torch.compiler.is_compiling():
+def _groups_for(entry, membership, image_index, ref_offsets, n_rows):
+    """The reference's token groups (:func:`token_groups`) of a layout, kept in its cache entry like
+    the tile plan (the CPU path then reads no values back after a layout's first call); None under
+    torch.compile (the reference computes them in the graph)."""
+    if entry is None:
         return None
-    dense = image_index is None
-    tensors = (membership, ref_offsets) if dense else (membership, image_index, ref_offsets)
-    tag = ("groups", n_rows, dense)
-    cached = _seen_before(tag, *tensors, value=True)
-    if cached is None:
-        if dense:
+    groups = entry.get("groups")
+    if groups is None:
+        if image_index is None:  # dense form: token b * Nq + i of image b
             image_index = torch.arange(membership.numel(), device=membership.device) // max(n_rows, 1)
-        cached = token_groups(membership.reshape(-1), image_index, ref_offsets)
-        _remember(tag, *tensors, payload=cached)
-    return cached
+        groups = entry["groups"] = token_groups(membership.reshape(-1), image_index, ref_offsets)
+    return groups
 
 
 def _kernel_ready(fn, q, membership):
@@ -537,12 +570,12 @@ def region_attention(q, k, v, membership, ref_offsets, *, scale=None, backend="a
     """
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     impl = resolve_backend("region_attention", backend, device)
-    _check_inputs(q, k, v, membership, ref_offsets, scale)
+    entry = _check_inputs(q, k, v, membership, ref_offsets, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if impl == "torch":
         return region_attention_ref(q, k, v, membership, ref_offsets, scale,
-                                    groups=_groups_for(membership, None, ref_offsets, q.shape[2]))
-    plan = _plan_for(membership, None, q.shape[0], ref_offsets)
+                                    groups=_groups_for(entry, membership, None, ref_offsets, q.shape[2]))
+    plan = _plan_for(entry, membership, None, q.shape[0], ref_offsets)
     membership = _kernel_ready("region_attention", q, membership)
     return _region_attention_triton(q, k, v, membership, ref_offsets, plan, scale)
 
@@ -573,11 +606,11 @@ def region_attention_packed(q, k, v, membership, image_index, ref_offsets, *, sc
     """
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     impl = resolve_backend("region_attention_packed", backend, device)
-    _check_packed(q, k, v, membership, image_index, ref_offsets, scale)
+    entry = _check_packed(q, k, v, membership, image_index, ref_offsets, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if impl == "torch":
         return region_attention_packed_ref(q, k, v, membership, image_index, ref_offsets, scale,
-                                           groups=_groups_for(membership, image_index, ref_offsets, 0))
-    plan = _plan_for(membership, image_index, k.shape[0], ref_offsets)
+                                           groups=_groups_for(entry, membership, image_index, ref_offsets, 0))
+    plan = _plan_for(entry, membership, image_index, k.shape[0], ref_offsets)
     membership = _kernel_ready("region_attention_packed", q, membership)
     return _region_attention_triton(q, k, v, membership, ref_offsets, plan, scale)

@@ -527,6 +527,15 @@ def test_every_output_row_is_written_by_the_kernels(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", nan_empty_like)
     monkeypatch.setattr(torch, "empty", nan_empty)
     check_kernel_vs_reference(q, k, v, mem, offs, atol=3e-5, rtol=1e-4, label="NaN-filled buffers")
+    # Spans that cover every key: dk/dv are allocated uninitialised too (no memset), so every key,
+    # including those of a reference no token is in, must be stored by the dk/dv kernel.
+    q, k, v, mem, offs = random_case(2, 2, 90, 16, [[5, 9, 3], [10, 0, 7]], p_in=0.5, device=KDEV)
+    mem[0] &= 5  # image 0: no token in box 1
+    check_kernel_vs_reference(q, k, v, mem, offs, atol=3e-5, rtol=1e-4, label="NaN-filled dk/dv")
+    empty_q = q[:, :, :0]
+    out = region_attention(empty_q.requires_grad_(), k.requires_grad_(), v, mem[:, :0], offs, backend="triton")
+    out.sum().backward()
+    assert torch.equal(k.grad, torch.zeros_like(k)), "no query: dk must be exactly 0"
 
 
 @needs_triton
