@@ -134,12 +134,12 @@ def face_warp_ref(
     # Every tap of every crop pixel and channel comes out of one index_select of the flat image, and
     # its backward is one index_add into the image gradient (a gather per tap would cost the
     # backward one image-sized buffer per tap). Taps last: the weighted sum reduces contiguous memory.
-    base = image_index.to(img.device, torch.long)[:, None, None, None] * (C * H * W)
-    pixel = ys.clamp(0, H - 1).long()[..., :, None] * W + xs.clamp(0, W - 1).long()[..., None, :]  # (F, S*S, T, T)
-    index = base + torch.arange(C, device=img.device)[:, None] * (H * W) + pixel.flatten(2)[:, :, None, :]
-    if img.numel() < 2**31:
-        index = index.to(torch.int32)  # half the index memory
-    taps_val = img.reshape(-1).index_select(0, index.reshape(-1)).view(index.shape)  # (F, S*S, C, T*T)
+    itype = torch.int32 if img.numel() < 2**31 else torch.int64  # int32: half the index traffic
+    base = image_index.to(img.device, itype)[:, None, None, None] * (C * H * W)
+    pixel = base + ys.clamp(0, H - 1).to(itype)[..., :, None] * W + xs.clamp(0, W - 1).to(itype)[..., None, :]
+    channel = torch.arange(C, device=img.device, dtype=itype)[:, None] * (H * W)
+    index = pixel.flatten(2)[:, :, None, :] + channel  # (F, S*S, C, T*T)
+    taps_val = img.reshape(-1).index_select(0, index.reshape(-1)).view(index.shape)
     w = w[:, :, None, :]
     acc = (taps_val * w).sum(-1) - lo * w.sum(-1)  # sum of w * (value - lo): (F, S*S, C)
     out = acc * (2.0 / (hi - lo)) - 1.0
