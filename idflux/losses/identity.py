@@ -56,19 +56,26 @@ class IdentityLoss(nn.Module):
 
     def forward(self, pred: torch.Tensor, gt: torch.Tensor, landmarks: torch.Tensor, image_index: torch.Tensor,
                 t: torch.Tensor | None = None, *, reduction: str = "mean",
-                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                valid: torch.Tensor | None = None, target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (weighted loss: mean over valid faces, or per face (F,) with reduction="none", 0 for
         invalid faces; embeddings of the generated faces (F, D) for the contrastive loss: those of
         invalid faces embed an all-black crop, mask them with ``face_warp_valid``). ``valid``: that
-        mask (F,) bool if the caller already has it (same landmarks, index, transform, backend)."""
+        mask (F,) bool if the caller already has it (same landmarks, index, transform, backend).
+        ``target``: the GT faces' embeddings (F, D), ``self.embed(gt, landmarks, image_index)``, if the
+        caller computed them already (e.g. as contrastive positives); not differentiated."""
         if reduction not in ("mean", "none"):
             raise ValueError(f"IdentityLoss: reduction must be 'mean' or 'none', got {reduction!r}")
         if landmarks.shape[0] == 0:
             zero = pred.sum() * 0.0
             return (zero if reduction == "mean" else pred.new_zeros(0)), pred.new_zeros(0, 1)
         g = self.embed(pred, landmarks, image_index)
-        with torch.no_grad():
-            target = self.embed(gt, landmarks, image_index)
+        if target is None:
+            with torch.no_grad():
+                target = self.embed(gt, landmarks, image_index)
+        elif target.shape != g.shape:
+            raise ValueError(f"IdentityLoss: target must be (F, D) = {tuple(g.shape)} like the recognizer's "
+                             f"embeddings of the faces, got {tuple(target.shape)}")
+        target = target.detach()
         if valid is None:  # callers that need the mask themselves pass it (one fit, not two)
             valid = face_warp_valid(landmarks, image_index, pred.shape[0], transform=self.transform, backend=self.backend)
         per_face = 1.0 - F.cosine_similarity(g.float(), target.float(), dim=-1, eps=1e-6)

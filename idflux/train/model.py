@@ -56,9 +56,9 @@ class TrainModel(nn.Module):
             m.requires_grad_(False).eval()
         self.flow_loss = FlowMatchingLoss()
         self.id_loss = IdentityLoss(self.recognizer, weight=cfg.id_weight, gating=cfg.id_gating)
+        self.embed_dim = self._embed_dim()
         if bank is None:
-            dim = self._embed_dim()
-            bank = NegativeBank.fifo(max(cfg.num_negatives, 1), dim)
+            bank = NegativeBank.fifo(max(cfg.num_negatives, 1), self.embed_dim)
         self.cl_loss = ContrastiveLoss(bank, tau=cfg.tau, weight=cfg.cl_weight, num_negatives=cfg.num_negatives)
 
     def train(self, mode: bool = True) -> "TrainModel":
@@ -194,14 +194,14 @@ class TrainModel(nn.Module):
             # Faces whose landmarks cannot be aligned get loss 0 (no host sync); the means count the others.
             valid = face_warp_valid(batch.landmarks, batch.image_index, B, transform=self.id_loss.transform,
                                     backend=self.id_loss.backend)
+            pos, gt_emb = batch.gt_embeddings, None
+            if pos is None or pos.shape[-1] != self.embed_dim:
+                with torch.no_grad():  # positives in the recogniser's own space (stored ones have another size)
+                    pos = gt_emb = self.id_loss.embed(batch.images.float(), batch.landmarks, batch.image_index)
             per_face, g = self.id_loss(pred.float().clamp(-1, 1), batch.images.float(), batch.landmarks, batch.image_index, t,
-                                       reduction="none", valid=valid)
+                                       reduction="none", valid=valid, target=gt_emb)  # GT faces embedded once
             n_valid = D.all_sum(valid.sum().float()).clamp_min(1)
             l_id = per_face.sum() * world / n_valid
-            pos = batch.gt_embeddings
-            if pos is None or (g.numel() and pos.shape[-1] != g.shape[-1]):
-                with torch.no_grad():  # positives in the recogniser's own space (stored ones have another size)
-                    pos = self.id_loss.embed(batch.images.float(), batch.landmarks, batch.image_index)
             # In-batch negatives over the global batch: every process computes the same global loss;
             # the gather's backward brings each process world x its rows' gradient, DDP divides by world.
             g_all = D.gather_rows(g.float(), grad=True)

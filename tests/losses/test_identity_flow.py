@@ -38,6 +38,25 @@ def test_identity_loss_zero_for_identical_images_and_gradient_flows():
     assert not any(p.requires_grad for p in rec.parameters()), "the recogniser stays frozen"
 
 
+
+def test_identity_loss_takes_precomputed_gt_embeddings():
+    rec = TinyRecognizer()
+    rec(torch.zeros(1, 3, 112, 112))
+    loss_fn = IdentityLoss(rec, backend="torch")
+    gt = torch.rand(2, 3, 64, 64) * 2 - 1
+    pred = (gt + 0.3 * torch.randn_like(gt)).requires_grad_()
+    lm, idx = faces()
+    want, _ = loss_fn(pred, gt, lm, idx)
+    target = loss_fn.embed(gt, lm, idx).requires_grad_()
+    got, _ = loss_fn(pred, gt, lm, idx, target=target)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert target.grad is None, "the GT embeddings are a target, not differentiated"
+    other, _ = loss_fn(pred, gt, lm, idx, target=torch.randn(3, 16))
+    assert not torch.allclose(other, want), "a given target is used, not recomputed"
+    with pytest.raises(ValueError, match=r"target must be \(F, D\)"):
+        loss_fn(pred, gt, lm, idx, target=torch.zeros(2, 16))
+
 def test_released_gating_scales_high_noise_faces():
     rec = TinyRecognizer()
     rec(torch.zeros(1, 3, 112, 112))
