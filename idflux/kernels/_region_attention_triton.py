@@ -1,7 +1,7 @@
 """Triton kernels of region attention: block-sparse forward and backward, the mask never built.
 
 Both public forms (dense (B, H, Nq, D) and packed (T, H, D)) run on one *tile plan* computed on the
-device from the layout (see ``region_attention._build_plan``): the tokens that lie in at least one
+device from the layout (see ``region_attention.build_plan``): the tokens that lie in at least one
 box, grouped by image and, inside an image, sorted by membership pattern, cut into tiles of
 BLOCK_M rows that never cross images. A tile is (image, first, end) into ``ROWS`` (the row of each
 token in q's layout). Sorting by pattern makes most tiles hold one pattern, so a tile visits only
