@@ -47,6 +47,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--offload", action="store_true", help="low VRAM: text encoders and VAE on the CPU between stages")
     p.add_argument("--fp8", action="store_true", help="low VRAM: FLUX transformer weights stored in float8")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA: capture the denoising step once in a CUDA graph and replay it at every step")
     p.set_defaults(func=run_generate)
 
 
@@ -57,7 +59,8 @@ def build(args):
 
     if args.preset == "tiny":
         det, enc = tiny_face_models()
-        return Pipeline.tiny(device=args.device, backend="auto", offload=args.offload, fp8=args.fp8), det, enc
+        return Pipeline.tiny(device=args.device, backend="auto", offload=args.offload, fp8=args.fp8,
+                             cuda_graph=args.cuda_graph), det, enc
     missing = [name for name in ("flux", "adapter", "face_models", "siglip") if not getattr(args, name)]
     if missing:
         raise SystemExit(f"idflux generate --preset flux-dev needs {', '.join('--' + m.replace('_', '-') for m in missing)} "
@@ -78,7 +81,8 @@ def build(args):
         with torch.device("meta"):
             adapter = IdentityAdapter(flux_dev_adapter())
         load_released_adapter(adapter, args.adapter)
-    pipe = Pipeline(parts, adapter, device=args.device, dtype=dtype, offload=args.offload, fp8=args.fp8)
+    pipe = Pipeline(parts, adapter, device=args.device, dtype=dtype, offload=args.offload, fp8=args.fp8,
+                    cuda_graph=args.cuda_graph)
     enc = SiglipFaceEncoder.from_pretrained(args.siglip).to(args.device, dtype)
     return pipe, FaceDetector(args.face_models), enc
 

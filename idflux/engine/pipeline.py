@@ -16,6 +16,7 @@ import torch
 
 from idflux.engine.adapter import IdentityAdapter, RegionLayout, tiny_adapter
 from idflux.engine.flux import flux_forward, image_ids, pack_latents, unpack_latents
+from idflux.engine.graphs import GraphedStep
 from idflux.engine.loading import FluxParts, tiny_flux_parts
 from idflux.engine.lowvram import on_device, store_linears_fp8
 from idflux.engine.profiling import nvtx_range
@@ -47,11 +48,18 @@ class Pipeline:
     """FLUX + identity adapter. Build with :meth:`tiny` (random, CPU, seconds) or from local weights."""
 
     def __init__(self, parts: FluxParts, adapter: IdentityAdapter, *, device="cpu", dtype=torch.float32, backend="auto",
-                 offload: bool = False, fp8: bool = False):
+                 offload: bool = False, fp8: bool = False, cuda_graph: bool = False):
         """offload: keep the text encoders and the VAE on the CPU, moving each to ``device`` only for its
-        stage. fp8: store the frozen FLUX transformer's Linear weights in float8 (upcast per matmul)."""
+        stage. fp8: store the frozen FLUX transformer's Linear weights in float8 (upcast per matmul).
+        cuda_graph: capture the denoising step (FLUX + adapter) once per generation in a CUDA graph
+        and replay it at every step (no Python or launch work between kernels; see
+        :class:`idflux.engine.graphs.GraphedStep`); CUDA only."""
         self.parts, self.adapter = parts, adapter
         self.device, self.dtype, self.backend, self.offload = torch.device(device), dtype, backend, offload
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"Pipeline: cuda_graph=True needs a CUDA device, got device={self.device}; "
+                             "drop cuda_graph on this device")
+        self.cuda_graph = cuda_graph
         for m in (parts.transformer, parts.vae, parts.clip, parts.t5, adapter):
             if any(p.dtype != dtype for p in m.parameters()):
                 m.to(dtype)
@@ -144,7 +152,8 @@ class Pipeline:
             return flux_forward(self.parts.transformer, x, txt, pooled, t, img_ids, txt_ids, guidance,
                                 adapter=self.adapter, adapter_ctx=ctx)
 
-        tokens = euler_sample(velocity, pack_latents(noise), times, progress=progress)
+        step = GraphedStep(velocity) if self.cuda_graph else velocity  # captured on the first step
+        tokens = euler_sample(step, pack_latents(noise), times, progress=progress)
         latents = unpack_latents(tokens, h, w)
         latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         with nvtx_range("vae.decode"), on_device(vae, self.device, self.offload):
