@@ -117,10 +117,14 @@ def face_warp_report(dtype: str = "bf16", arch: int = 90) -> dict[str, dict[str,
 
     fw = importlib.import_module("idflux.kernels.face_warp")  # the module (the package exports the function)
     images = {n: f"*{dtype}" for n in ("img_ptr", "out_ptr", "gout_ptr")}
-    ints = {"idx_ptr": "*i64", "order_ptr": "*i32", "start_ptr": "*i32", "flag_ptr": "*i8"}
+    ints = {"idx_ptr": "*i64", "idx_out_ptr": "*i32", "order_ptr": "*i64", "start_ptr": "*i64", "flag_ptr": "*i8"}
     floats = ("lo", "out_scale", "scale", "min_spread", "ratio_bound", "min_corr")
+    fit = dict(BLOCK_F=32, FULL=True, OUTSIDE=True, SUPPORT=2.0)
     cases = {
-        "_face_warp_fit_kernel": (fw._face_warp_fit_kernel, {}, dict(AFFINE=False, BLOCK_F=32)),
+        "_face_warp_fit_kernel": (fw._face_warp_fit_kernel, {}, dict(AFFINE=False, **fit)),
+        "_face_warp_fit_kernel[affine]": (fw._face_warp_fit_kernel, {}, dict(AFFINE=True, **fit)),
+        "_face_warp_fit_kernel[matrices only]": (fw._face_warp_fit_kernel, {},
+                                                 dict(AFFINE=False, BLOCK_F=32, FULL=False, OUTSIDE=False, SUPPORT=1.0)),
         "_face_warp_fwd_kernel": (fw._face_warp_fwd_kernel, {}, dict(BICUBIC=True, BLOCK=128)),
         "_face_warp_bwd_kernel": (fw._face_warp_bwd_kernel, {}, dict(BICUBIC=True, BLOCK=128)),
         "_face_warp_bwd_gather_kernel": (fw._face_warp_bwd_gather_kernel, {"gimg_ptr": f"*{dtype}"},

@@ -104,13 +104,25 @@ if HAS_TRITON:
     # Compiled kernels may only read constexpr globals (the interpreter would not complain).
     _A = tl.constexpr(CUBIC_A)
     @triton.jit
+    def _finite(v):
+        return (v == v) & (tl.abs(v) < float("inf"))
+
+    @triton.jit
     def _face_warp_fit_kernel(
-        lmk_ptr, mat_ptr, flag_ptr,
-        stride_lf, stride_lp, stride_lc,
-        F, scale, min_spread, ratio_bound, min_corr,
-        AFFINE: tl.constexpr, BLOCK_F: tl.constexpr,
+        lmk_ptr, mat_ptr, flag_ptr, idx_ptr, idx_out_ptr, table_ptr,
+        stride_lf, stride_lp, stride_lc, stride_idx,
+        F, n_images, S, scale, min_spread, ratio_bound, min_corr,
+        AFFINE: tl.constexpr, BLOCK_F: tl.constexpr, FULL: tl.constexpr, OUTSIDE: tl.constexpr,
+        SUPPORT: tl.constexpr,
     ):
-        """One row of BLOCK_F faces x 8 point slots (5 used): centred sums, closed-form fit, inversion."""
+        """One row of BLOCK_F faces x 8 point slots (5 used): centred sums, closed-form fit, inversion.
+
+        Without FULL: the matrices and a degenerate flag per face. With FULL, everything the warp and
+        its backward need, in this one launch (no host-side tensor ops): a status per face in
+        flag_ptr (0 valid, 1 image_index outside [0, n_images), 2 non-finite landmarks, 3 degenerate
+        fit or non-finite matrix), the image index with out-of-range values replaced by 0, and the
+        gather backward's table (see ``_gather_table``, computed here in float64 as there); with
+        OUTSIDE the matrix of an invalid face is replaced by the all-outside one (_OUTSIDE)."""
         f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
         p = tl.arange(0, 8)
         live = (f < F)[:, None] & (p < 5)[None, :]
@@ -155,6 +167,20 @@ if HAS_TRITON:
         t0 = mx - (l00 * dmx + l01 * dmy)
         t1 = my - (l10 * dmx + l11 * dmy)
         fm = f < F
+        if FULL:
+            finite_l = tl.sum(tl.where(live & ~(_finite(x) & _finite(y)), 1, 0), 1) == 0
+            finite_m = (_finite(l00) & _finite(l01) & _finite(t0) & _finite(l10) & _finite(l11) & _finite(t1))
+            image = tl.load(idx_ptr + f.to(tl.int64) * stride_idx, mask=fm, other=0).to(tl.int64)
+            index_ok = (image >= 0) & (image < n_images)
+            status = tl.where(~index_ok, 1, tl.where(~finite_l, 2, tl.where(bad | ~finite_m, 3, 0)))
+            tl.store(flag_ptr + f, status.to(tl.int8), mask=fm)
+            tl.store(idx_out_ptr + f, tl.where(index_ok, image, 0).to(tl.int32), mask=fm)
+            if OUTSIDE:
+                ok = status == 0
+                l00, l01, t0 = tl.where(ok, l00, -8.0), tl.where(ok, l01, -8.0), tl.where(ok, t0, -8.0)
+                l10, l11, t1 = tl.where(ok, l10, -8.0), tl.where(ok, l11, -8.0), tl.where(ok, t1, -8.0)
+        else:
+            tl.store(flag_ptr + f, bad.to(tl.int8), mask=fm)
         out = mat_ptr + f.to(tl.int64) * 6
         tl.store(out, l00, mask=fm)
         tl.store(out + 1, l01, mask=fm)
@@ -162,7 +188,33 @@ if HAS_TRITON:
         tl.store(out + 3, l10, mask=fm)
         tl.store(out + 4, l11, mask=fm)
         tl.store(out + 5, t1, mask=fm)
-        tl.store(flag_ptr + f, bad.to(tl.int8), mask=fm)
+        if FULL:
+            a00, a01, b0 = l00.to(tl.float64), l01.to(tl.float64), t0.to(tl.float64)
+            a10, a11, b1 = l10.to(tl.float64), l11.to(tl.float64), t1.to(tl.float64)
+            det64 = a00 * a11 - a01 * a10
+            det64 = tl.where(tl.abs(det64) > 1e-12, det64, 1.0)  # only black faces (never reached) are singular
+            e = (S - 1).to(tl.float64)
+            x1, x2, x3 = b0 + a00 * e, b0 + a01 * e, b0 + (a00 + a01) * e
+            y1, y2, y3 = b1 + a10 * e, b1 + a11 * e, b1 + (a10 + a11) * e
+            row = table_ptr + f.to(tl.int64) * 16
+            tl.store(row, l00, mask=fm)
+            tl.store(row + 1, l01, mask=fm)
+            tl.store(row + 2, t0, mask=fm)
+            tl.store(row + 3, l10, mask=fm)
+            tl.store(row + 4, l11, mask=fm)
+            tl.store(row + 5, t1, mask=fm)
+            tl.store(row + 6, (a11 / det64).to(tl.float32), mask=fm)
+            tl.store(row + 7, (-a01 / det64).to(tl.float32), mask=fm)
+            tl.store(row + 8, (-a10 / det64).to(tl.float32), mask=fm)
+            tl.store(row + 9, (a00 / det64).to(tl.float32), mask=fm)
+            tl.store(row + 10, (tl.minimum(tl.minimum(b0, x1), tl.minimum(x2, x3)) - SUPPORT).to(tl.float32), mask=fm)
+            tl.store(row + 11, (tl.maximum(tl.maximum(b0, x1), tl.maximum(x2, x3)) + SUPPORT).to(tl.float32), mask=fm)
+            tl.store(row + 12, (tl.minimum(tl.minimum(b1, y1), tl.minimum(y2, y3)) - SUPPORT).to(tl.float32), mask=fm)
+            tl.store(row + 13, (tl.maximum(tl.maximum(b1, y1), tl.maximum(y2, y3)) + SUPPORT).to(tl.float32), mask=fm)
+            ru = SUPPORT * (tl.abs(a11) + tl.abs(a01)) / tl.abs(det64) + 1e-3
+            rv = SUPPORT * (tl.abs(a10) + tl.abs(a00)) / tl.abs(det64) + 1e-3
+            tl.store(row + 14, tl.minimum(ru, e + 1).to(tl.float32), mask=fm)
+            tl.store(row + 15, tl.minimum(rv, e + 1).to(tl.float32), mask=fm)
 
     @triton.jit
     def _face_warp_taps(mat_ptr, idx_ptr, face, pix, H, W, S, BICUBIC: tl.constexpr):
@@ -322,22 +374,40 @@ def _block(bicubic: bool) -> int:
     return (256 if bicubic else 1024) if INTERPRET else (128 if bicubic else 512)
 
 
-def _fit_triton(landmarks: torch.Tensor, size: int, transform: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(F, 2, 3) fp32 crop -> image matrices and (F,) bool degenerate flags, all faces in one launch."""
+def _launch_fit(landmarks, size, transform, *, image_index=None, n_images=0, bicubic=False, outside=False):
     if not landmarks.dtype.is_floating_point:
         landmarks = landmarks.float()
-    F = landmarks.shape[0]
-    matrices = torch.empty(F, 2, 3, device=landmarks.device, dtype=torch.float32)
-    flags = torch.empty(F, device=landmarks.device, dtype=torch.int8)
+    F, dev = landmarks.shape[0], landmarks.device
+    full = image_index is not None
+    matrices = torch.empty(F, 2, 3, device=dev, dtype=torch.float32)
+    flags = torch.empty(F, device=dev, dtype=torch.int8)
+    index_out = torch.empty(F if full else 0, device=dev, dtype=torch.int32)
+    table = torch.empty((F, 16) if full else (0, 16), device=dev, dtype=torch.float32)
+    index_in = image_index if full else flags
     r = MIN_EIGEN_RATIO
     block_f = 32
     _face_warp_fit_kernel[(triton.cdiv(F, block_f),)](
-        landmarks, matrices, flags,
-        landmarks.stride(0), landmarks.stride(1), landmarks.stride(2),
-        F, size / 112.0, MIN_SPREAD, 4 * r / (1 + r) ** 2, MIN_CORRELATION,
-        AFFINE=transform == "affine", BLOCK_F=block_f,
+        landmarks, matrices, flags, index_in, index_out, table,
+        landmarks.stride(0), landmarks.stride(1), landmarks.stride(2), index_in.stride(0),
+        F, n_images, size, size / 112.0, MIN_SPREAD, 4 * r / (1 + r) ** 2, MIN_CORRELATION,
+        AFFINE=transform == "affine", BLOCK_F=block_f, FULL=full, OUTSIDE=outside, SUPPORT=2.0 if bicubic else 1.0,
     )
+    return matrices, flags, index_out, table
+
+
+def _fit_triton(landmarks: torch.Tensor, size: int, transform: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F, 2, 3) fp32 crop -> image matrices and (F,) bool degenerate flags, all faces in one launch."""
+    matrices, flags, _, _ = _launch_fit(landmarks, size, transform)
     return matrices, flags.bool()
+
+
+def _prepare_triton(landmarks, image_index, n_images, size, transform, bicubic, outside):
+    """Everything a Triton warp needs, from one launch: (matrices (F, 2, 3) fp32, status (F,) int8
+    (0 valid, 1 image_index out of range, 2 non-finite landmarks, 3 degenerate), image_index (F,)
+    int32 with out-of-range values replaced by 0, gather table (F, 16) fp32). ``outside``: invalid
+    faces get the all-outside matrix (black crop, no gradient), as face_warp(check=False) defines."""
+    return _launch_fit(landmarks, size, transform, image_index=image_index, n_images=n_images, bicubic=bicubic,
+                       outside=outside)
 
 
 #: How the backward produces the image gradient: "gather" (each pixel tile gathers from the crop
@@ -366,7 +436,10 @@ def _window_half_widths(matrices: torch.Tensor, bicubic: bool) -> tuple[torch.Te
 
 def _gather_table(matrices: torch.Tensor, size: int, bicubic: bool) -> torch.Tensor:
     """(F, 16) fp32 per face: crop -> image matrix (6), inverse 2x2 (4), image footprint x0, x1, y0, y1
-    of its sample points widened by the tap support, window half-widths ru, rv (crop pixels). No sync."""
+    of its sample points widened by the tap support, window half-widths ru, rv (crop pixels).
+
+    The host twin (float64 tensor ops) of the table the fit launch writes for the gather backward
+    (``_prepare_triton``): the oracle its test compares against."""
     m = matrices.double()
     a00, a01, t0 = m[:, 0, 0], m[:, 0, 1], m[:, 0, 2]
     a10, a11, t1 = m[:, 1, 0], m[:, 1, 1], m[:, 1, 2]
@@ -383,16 +456,17 @@ def _gather_table(matrices: torch.Tensor, size: int, bicubic: bool) -> torch.Ten
     return torch.stack(cols, 1).float().contiguous()
 
 
-def _backward_gather(grad_out, matrices, image_index, shape, dtype, size, bicubic, out_scale):
+def _backward_gather(grad_out, table, image_index, shape, dtype, bicubic, out_scale):
+    """Image gradient from the crop gradient: ``table`` from the fit launch (its host twin is
+    :func:`_gather_table`), image_index (F,) int32 in [0, B). The faces of each image come from one
+    sort and one searchsorted."""
     B, C, H, W = shape
+    size = grad_out.shape[-1]
     grad = torch.empty(shape, device=grad_out.device, dtype=dtype)
     if grad.numel() == 0:
         return grad
-    table = _gather_table(matrices, size, bicubic)
-    idx = image_index.long()
-    order = torch.argsort(idx, stable=True).to(torch.int32)
-    counts = torch.zeros(B, dtype=torch.int64, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
-    start = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(torch.int32)
+    sorted_index, order = torch.sort(image_index, stable=True)
+    start = torch.searchsorted(sorted_index, torch.arange(B + 1, device=image_index.device, dtype=sorted_index.dtype))
     tiles_x, tiles_y = triton.cdiv(W, _TILE_W), triton.cdiv(H, _TILE_H)
     _face_warp_bwd_gather_kernel[(B * tiles_x * tiles_y,)](
         grad_out, table, order, start, grad,
@@ -408,7 +482,7 @@ class FaceWarpFunction(torch.autograd.Function):
     crops (F, C, S, S) in images.dtype; gradient to images only (gathered per pixel tile; see BWD)."""
 
     @staticmethod
-    def forward(ctx, images, matrices, image_index, size, bicubic, lo, hi, bwd="gather"):
+    def forward(ctx, images, matrices, table, image_index, size, bicubic, lo, hi, bwd="gather"):
         F, C = matrices.shape[0], images.shape[1]
         out = images.new_empty(F, C, size, size)
         block = _block(bicubic)
@@ -418,7 +492,7 @@ class FaceWarpFunction(torch.autograd.Function):
             C, images.shape[2], images.shape[3], size, lo, 2.0 / (hi - lo),
             BICUBIC=bicubic, BLOCK=block, num_warps=4,
         )
-        ctx.save_for_backward(matrices, image_index)
+        ctx.save_for_backward(matrices, table, image_index)
         ctx.meta = (tuple(images.shape), images.dtype, size, bicubic, 2.0 / (hi - lo))
         ctx.bwd = bwd
         return out
@@ -426,11 +500,11 @@ class FaceWarpFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        matrices, image_index = ctx.saved_tensors
+        matrices, table, image_index = ctx.saved_tensors
         shape, dtype, size, bicubic, out_scale = ctx.meta
         if (ctx.bwd if BWD == "auto" else BWD) == "gather":
-            return _backward_gather(grad_out, matrices, image_index, shape, dtype, size, bicubic, out_scale), \
-                None, None, None, None, None, None, None
+            return _backward_gather(grad_out, table, image_index, shape, dtype, bicubic, out_scale), \
+                None, None, None, None, None, None, None, None
         _, C, H, W = shape
         grad = torch.zeros(shape, device=grad_out.device, dtype=torch.float32)
         block = _block(bicubic)
@@ -440,7 +514,7 @@ class FaceWarpFunction(torch.autograd.Function):
             C, H, W, size, out_scale,
             BICUBIC=bicubic, BLOCK=block, num_warps=4,
         )
-        return grad.to(dtype), None, None, None, None, None, None, None
+        return grad.to(dtype), None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -509,7 +583,9 @@ def face_warp_valid(
     impl = resolve_backend("face_warp", backend, landmarks.device)
     if F == 0:
         return torch.zeros(0, dtype=torch.bool, device=landmarks.device)
-    matrices, degenerate = (_fit_triton if impl == "triton" else fit_matrices_ref)(landmarks, size, transform)
+    if impl == "triton":  # one launch, no host-side tensor ops
+        return _prepare_triton(landmarks, image_index, n_images, size, transform, False, outside=False)[1] == 0
+    matrices, degenerate = fit_matrices_ref(landmarks, size, transform)
     return _validity(landmarks, image_index, n_images, matrices, degenerate)
 
 
@@ -581,38 +657,51 @@ def face_warp(
     impl = resolve_backend("face_warp", backend, images.device)
     if F == 0:
         return images.new_empty(0, C, size, size)
-    fit = _fit_triton if impl == "triton" else fit_matrices_ref
-    matrices, degenerate = fit(landmarks, size, transform)
+    if impl == "triton":
+        return _face_warp_triton(images, landmarks, image_index, size, transform, interpolation == "bicubic", lo, hi, check)
+    matrices, degenerate = fit_matrices_ref(landmarks, size, transform)
+    if check:
+        flags = torch.stack([(image_index.min() < 0) | (image_index.max() >= B),
+                             degenerate.any() | ~torch.isfinite(landmarks).all()]).tolist()  # the one host sync
+        if flags[0]:
+            raise _index_error(image_index, B)
+        if flags[1]:
+            raise _landmark_error(landmarks, degenerate)
+        return face_warp_ref(images, matrices, image_index, size, interpolation, (lo, hi))
+    valid = _validity(landmarks, image_index, B, matrices, degenerate)
+    matrices = torch.where(valid[:, None, None], matrices, _OUTSIDE)
+    image_index = torch.where(valid, image_index, 0)  # in range for B >= 1; never read otherwise
+    if B == 0:  # no image to gather from: every face is invalid (the sum keeps the autograd link)
+        return images.new_full((F, C, size, size), -1.0) + images.sum() * 0
+    crops = face_warp_ref(images, matrices, image_index, size, interpolation, (lo, hi))
+    # Exactly -1 even if image 0 holds inf/NaN where the outside taps are clamped to (0 * inf).
+    return torch.where(valid[:, None, None, None], crops, -1.0)
+
+
+def _index_error(image_index: torch.Tensor, B: int) -> ValueError:
+    return ValueError(f"face_warp: image_index must lie in [0, {B}) for {B} images, got values in "
+                      f"[{int(image_index.min())}, {int(image_index.max())}]")
+
+
+def _face_warp_triton(images, landmarks, image_index, size, transform, bicubic, lo, hi, check):
+    """The Triton path: one launch fits every face and derives its status, clean image index and
+    backward table; one launch warps. check=True reads the status back (one sync) and raises;
+    check=False never syncs (invalid faces were given the all-outside matrix in the fit launch)."""
+    B = images.shape[0]
+    matrices, status, index32, table = _prepare_triton(landmarks, image_index, B, size, transform, bicubic,
+                                                       outside=not check)
     bwd = "gather"
     if check:
-        index_bad = (image_index.min() < 0) | (image_index.max() >= B)
-        landmarks_bad = degenerate.any() | ~torch.isfinite(landmarks).all()
-        flags = [index_bad, landmarks_bad]
-        if impl == "triton" and BWD == "auto":  # read in the same sync: the backward's largest window
-            ru, rv = _window_half_widths(matrices, interpolation == "bicubic")
-            flags.append(((torch.floor(2 * ru) + 1) * (torch.floor(2 * rv) + 1)).max() > _GATHER_MAX_WINDOW)
+        flags = [(status == 1).any(), (status >= 2).any()]
+        if BWD == "auto":  # read in the same sync: the backward's largest window
+            window = ((2 * table[:, 14]).floor() + 1) * ((2 * table[:, 15]).floor() + 1)
+            flags.append(window.max() > _GATHER_MAX_WINDOW)
         flags = torch.stack(flags).tolist()  # the one host sync
-        index_bad, landmarks_bad = flags[:2]
+        if flags[0]:
+            raise _index_error(image_index, B)
+        if flags[1]:
+            raise _landmark_error(landmarks, status == 3)
         if len(flags) > 2 and flags[2]:
             bwd = "scatter"
-        if index_bad:
-            raise ValueError(
-                f"face_warp: image_index must lie in [0, {B}) for {B} images, got values in "
-                f"[{int(image_index.min())}, {int(image_index.max())}]"
-            )
-        if landmarks_bad:
-            raise _landmark_error(landmarks, degenerate)
-    else:
-        valid = _validity(landmarks, image_index, B, matrices, degenerate)
-        matrices = torch.where(valid[:, None, None], matrices, _OUTSIDE)
-        image_index = torch.where(valid, image_index, 0)  # in range for B >= 1; never read otherwise
-    if impl == "torch":
-        if check:
-            return face_warp_ref(images, matrices, image_index, size, interpolation, (lo, hi))
-        if B == 0:  # no image to gather from: every face is invalid (the sum keeps the autograd link)
-            return images.new_full((F, C, size, size), -1.0) + images.sum() * 0
-        crops = face_warp_ref(images, matrices, image_index, size, interpolation, (lo, hi))
-        # Exactly -1 even if image 0 holds inf/NaN where the outside taps are clamped to (0 * inf).
-        return torch.where(valid[:, None, None, None], crops, -1.0)
-    return FaceWarpFunction.apply(images, matrices, image_index.contiguous(), size, interpolation == "bicubic", lo, hi, bwd)
+    return FaceWarpFunction.apply(images, matrices, table, index32, size, bicubic, lo, hi, bwd)
 

@@ -671,3 +671,31 @@ def test_auto_backward_gathers_unless_a_checked_call_finds_a_large_window(monkey
         calls.clear()
         backward(lmk, check)
         assert calls == want, f"face {'tiny' if lmk is tiny else 'big'}, check={check}: {calls}"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("transform", ["similarity", "affine"])
+def test_fit_launch_writes_status_index_and_backward_table(transform):
+    """The one fit launch of the Triton path: per-face status, the clean image index, the all-outside
+    matrix for invalid faces under check=False, and the gather table, equal to its host twin."""
+    fw = _face_warp_module()
+    g = torch.Generator().manual_seed(5)
+    lmk = random_landmarks(6, 300, 200, g)
+    lmk[1, 2, 0] = float("nan")                      # non-finite landmarks
+    lmk[2] = 40.0                                    # all points equal: degenerate
+    index = torch.tensor([0, 1, 1, 2, -1, 1])        # face 3: image 2 of 2, face 4: negative
+    for size, bicubic in ((112, False), (17, True)):
+        for outside in (False, True):
+            m, status, index32, table = fw._prepare_triton(lmk, index, 2, size, transform, bicubic, outside)
+            assert status.tolist() == [0, 2, 3, 1, 1, 0], "status per face"
+            assert index32.dtype == torch.int32 and index32.tolist() == [0, 1, 1, 0, 0, 1], "clean image index"
+            want_m, _ = fit_matrices_ref(lmk, size, transform)
+            ok = status == 0
+            torch.testing.assert_close(m[ok], want_m[ok].float(), atol=2e-3, rtol=1e-4, msg="matrices of valid faces")
+            if outside:
+                assert (m[~ok] == -8.0).all(), "invalid faces get the all-outside matrix"
+            finite = torch.isfinite(m).flatten(1).all(1)
+            torch.testing.assert_close(table[finite], fw._gather_table(m[finite], size, bicubic), atol=1e-5, rtol=1e-6,
+                                       msg=f"table (size {size}, bicubic {bicubic}, outside {outside})")
+    assert face_warp_valid(lmk, index, 2, backend="triton").tolist() == [True, False, False, False, False, True]
+    assert face_warp_valid(lmk, index, 2, backend="torch").tolist() == [True, False, False, False, False, True]
