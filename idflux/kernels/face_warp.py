@@ -108,6 +108,16 @@ if HAS_TRITON:
         return (v == v) & (tl.abs(v) < float("inf"))
 
     @triton.jit
+    def _store_matrix(ptr, m0, m1, m2, m3, m4, m5, mask):
+        """The six entries of a 2 x 3 matrix per face, row-major, at ptr (one row of faces)."""
+        tl.store(ptr, m0, mask=mask)
+        tl.store(ptr + 1, m1, mask=mask)
+        tl.store(ptr + 2, m2, mask=mask)
+        tl.store(ptr + 3, m3, mask=mask)
+        tl.store(ptr + 4, m4, mask=mask)
+        tl.store(ptr + 5, m5, mask=mask)
+
+    @triton.jit
     def _face_warp_fit_kernel(
         lmk_ptr, mat_ptr, flag_ptr, idx_ptr, idx_out_ptr, table_ptr,
         stride_lf, stride_lp, stride_lc, stride_idx,
@@ -181,13 +191,7 @@ if HAS_TRITON:
                 l10, l11, t1 = tl.where(ok, l10, -8.0), tl.where(ok, l11, -8.0), tl.where(ok, t1, -8.0)
         else:
             tl.store(flag_ptr + f, bad.to(tl.int8), mask=fm)
-        out = mat_ptr + f.to(tl.int64) * 6
-        tl.store(out, l00, mask=fm)
-        tl.store(out + 1, l01, mask=fm)
-        tl.store(out + 2, t0, mask=fm)
-        tl.store(out + 3, l10, mask=fm)
-        tl.store(out + 4, l11, mask=fm)
-        tl.store(out + 5, t1, mask=fm)
+        _store_matrix(mat_ptr + f.to(tl.int64) * 6, l00, l01, t0, l10, l11, t1, fm)
         if FULL:
             a00, a01, b0 = l00.to(tl.float64), l01.to(tl.float64), t0.to(tl.float64)
             a10, a11, b1 = l10.to(tl.float64), l11.to(tl.float64), t1.to(tl.float64)
@@ -197,12 +201,7 @@ if HAS_TRITON:
             x1, x2, x3 = b0 + a00 * e, b0 + a01 * e, b0 + (a00 + a01) * e
             y1, y2, y3 = b1 + a10 * e, b1 + a11 * e, b1 + (a10 + a11) * e
             row = table_ptr + f.to(tl.int64) * 16
-            tl.store(row, l00, mask=fm)
-            tl.store(row + 1, l01, mask=fm)
-            tl.store(row + 2, t0, mask=fm)
-            tl.store(row + 3, l10, mask=fm)
-            tl.store(row + 4, l11, mask=fm)
-            tl.store(row + 5, t1, mask=fm)
+            _store_matrix(row, l00, l01, t0, l10, l11, t1, fm)
             tl.store(row + 6, (a11 / det64).to(tl.float32), mask=fm)
             tl.store(row + 7, (-a01 / det64).to(tl.float32), mask=fm)
             tl.store(row + 8, (-a10 / det64).to(tl.float32), mask=fm)
