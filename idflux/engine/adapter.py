@@ -104,7 +104,11 @@ class RegionLayout:
     t_idx: torch.Tensor
     packed_membership: torch.Tensor
     n_refs: int
-    rows: torch.Tensor
+    rows: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.rows is None:
+            self.rows = self.b_idx * self.membership.shape[1] + self.t_idx
 
     @classmethod
     def from_membership(cls, membership: torch.Tensor, n_refs: int) -> "RegionLayout":
@@ -114,8 +118,7 @@ class RegionLayout:
         # (no gathers), and the kernels' tile plan finds them already grouped.
         order = torch.argsort(pattern, stable=True)
         order = order[torch.argsort(b_idx[order], stable=True)]
-        b_idx, t_idx = b_idx[order], t_idx[order]
-        return cls(membership, b_idx, t_idx, pattern[order], n_refs, b_idx * membership.shape[1] + t_idx)
+        return cls(membership, b_idx[order], t_idx[order], pattern[order], n_refs)
 
     def ref_offsets(self, tokens_per_ref: int) -> torch.Tensor:
         """(B, R+1) key spans when every reference has ``tokens_per_ref`` tokens."""
