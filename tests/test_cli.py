@@ -63,3 +63,11 @@ def test_bench_profile_writes_trace(tmp_path):
     trace = json.loads((tmp_path / "region_attention_trace.json").read_text())
     names = {e.get("name") for e in trace["traceEvents"]}
     assert any(n and n.startswith("region_attention/") for n in names)
+
+
+def test_generate_cuda_graph_off_cuda_is_a_clear_error(capsys):
+    pytest.importorskip("diffusers")
+    argv = ["generate", "--preset", "tiny", "--prompt", "a", "--ref", "a.jpg", "--box", "0,0,16,16", "--out", "x.png",
+            "--device", "cpu", "--cuda-graph"]
+    assert main(argv) == 2
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err

@@ -111,6 +111,10 @@ def _one(pipe, det, enc, *, prompt, refs, boxes, out, args, extra=None):
 
 
 def run_generate(args) -> int:
+    if args.cuda_graph and not str(args.device).startswith("cuda"):
+        print(f"idflux generate: --cuda-graph needs a CUDA device, got --device {args.device}; drop --cuda-graph",
+              file=sys.stderr)
+        return 2
     if args.batch:
         if not args.out:
             print("idflux generate --batch needs --out DIR", file=sys.stderr)
