@@ -220,8 +220,11 @@ class IdentityAdapter(nn.Module):
         if "sig" in ctx:
             sig_blk = self.sig_blocks[index]
             o = sig_blk.attend(x, ctx["sig"][index], layout, ctx["sig_offsets"], backend=ctx["backend"])
-            # id_weight * res + siglip_weight * to_out(o) in one op (fewer launches per block).
-            res = torch.addmm(res, o, sig_blk.to_out.weight.t(), beta=weight, alpha=ctx["siglip_weight"])
+            if _plain_linear(sig_blk.to_out):
+                # id_weight * res + siglip_weight * to_out(o) in one op (fewer launches per block).
+                res = torch.addmm(res, o, sig_blk.to_out.weight.t(), beta=weight, alpha=ctx["siglip_weight"])
+            else:  # a wrapped or hooked to_out (LoRA, sharding, hooks) must run as a module
+                res = weight * res + ctx["siglip_weight"] * sig_blk.to_out(o)
             weight = 1.0
         # index_add over unique rows: the same sums as index_put(accumulate=True), about 5x faster on the CPU.
         return flat.index_add(0, layout.rows, res.to(img.dtype), alpha=weight).view_as(img)
@@ -239,6 +242,12 @@ class IdentityAdapter(nn.Module):
             mask = dense_mask_from_membership(membership, offs.expand(img.shape[0], -1), sig.shape[1])[:, None]
             out = out + siglip_weight * self.sig_blocks[index].forward_dense(img, sig, mask)
         return out
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    """An nn.Linear that calling would not change: no subclass, no hooks, no bias (its weight can be
+    used directly)."""
+    return type(m) is nn.Linear and m.bias is None and not (m._forward_hooks or m._forward_pre_hooks)
 
 
 # ---------------------------------------------------------------------------------------------

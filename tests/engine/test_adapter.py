@@ -187,3 +187,30 @@ def test_region_layout_groups_tokens_by_image_and_pattern():
     assert keys == sorted(keys), "tokens must be ordered by image, then pattern, then grid position"
     assert torch.equal(layout.rows, b * membership.shape[1] + t)
     assert {3} <= set(pm[b == 0].tolist()), "the overlap of image 0's boxes is its own group"
+
+
+def test_fused_residual_equals_module_calls_and_respects_hooks():
+    """apply() merges the SigLIP branch's to_out into one addmm; with a hooked to_out (LoRA, sharding,
+    profilers wrap modules this way) it calls the module, and both give the same residual."""
+    cfg = tiny_adapter()
+    torch.manual_seed(0)
+    adapter = IdentityAdapter(cfg).double()
+    membership = boxes_to_membership([[(0, 0, 32, 32), (16, 16, 64, 64)]], 64, 64)
+    layout = RegionLayout.from_membership(membership, 2)
+    arc, sig = torch.randn(1, 2, cfg.arc_dim, dtype=torch.float64), torch.randn(1, 2, cfg.siglip_tokens, cfg.siglip_dim, dtype=torch.float64)
+    ctx = adapter.prepare(arc, sig, layout, id_weight=0.7, siglip_weight=1.3, backend="torch")
+    img = torch.randn(1, membership.shape[1], cfg.hidden, dtype=torch.float64)
+    fused = adapter.apply(0, img, ctx)
+    x = img[0, layout.t_idx]
+    blk_a, blk_s = adapter.arc_blocks[0], adapter.sig_blocks[0]
+    want = img.clone()
+    want[0, layout.t_idx] += 0.7 * blk_a(x, ctx["arc"][0], layout, ctx["arc_offsets"], backend="torch") \
+        + 1.3 * blk_s(x, ctx["sig"][0], layout, ctx["sig_offsets"], backend="torch")
+    torch.testing.assert_close(fused, want)
+    calls = []
+    handle = blk_s.to_out.register_forward_hook(lambda m, i, o: calls.append(1) or o * 2)
+    hooked = adapter.apply(0, img, ctx)
+    handle.remove()
+    assert calls == [1], "a hooked to_out runs as a module"
+    want[0, layout.t_idx] += 1.3 * blk_s(x, ctx["sig"][0], layout, ctx["sig_offsets"], backend="torch")
+    torch.testing.assert_close(hooked, want)
