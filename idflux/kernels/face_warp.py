@@ -197,7 +197,7 @@ if HAS_TRITON:
             a10, a11, b1 = l10.to(tl.float64), l11.to(tl.float64), t1.to(tl.float64)
             det64 = a00 * a11 - a01 * a10
             det64 = tl.where(tl.abs(det64) > 1e-12, det64, 1.0)  # only black faces (never reached) are singular
-            e = (S - 1).to(tl.float64)
+            e = S * 1.0 - 1.0  # (a launch turns S == 1 into a constant: no tensor methods on it)
             x1, x2, x3 = b0 + a00 * e, b0 + a01 * e, b0 + (a00 + a01) * e
             y1, y2, y3 = b1 + a10 * e, b1 + a11 * e, b1 + (a10 + a11) * e
             row = table_ptr + f.to(tl.int64) * 16
