@@ -373,7 +373,18 @@ def _block(bicubic: bool) -> int:
     return (256 if bicubic else 1024) if INTERPRET else (128 if bicubic else 512)
 
 
-def _launch_fit(landmarks, size, transform, *, image_index=None, n_images=0, bicubic=False, outside=False):
+def _fit_triton(landmarks: torch.Tensor, size: int, transform: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F, 2, 3) fp32 crop -> image matrices and (F,) bool degenerate flags, all faces in one launch."""
+    matrices, flags, _, _ = _prepare_triton(landmarks, None, 0, size, transform, False, False)
+    return matrices, flags.bool()
+
+
+def _prepare_triton(landmarks, image_index, n_images, size, transform, bicubic, outside):
+    """Everything a Triton warp needs, from one launch: (matrices (F, 2, 3) fp32, status (F,) int8
+    (0 valid, 1 image_index out of range, 2 non-finite landmarks, 3 degenerate), image_index (F,)
+    int32 with out-of-range values replaced by 0, gather table (F, 16) fp32). ``outside``: invalid
+    faces get the all-outside matrix (black crop, no gradient), as face_warp(check=False) defines.
+    With image_index None only the matrices are fitted (status = the degenerate flag)."""
     if not landmarks.dtype.is_floating_point:
         landmarks = landmarks.float()
     F, dev = landmarks.shape[0], landmarks.device
@@ -392,21 +403,6 @@ def _launch_fit(landmarks, size, transform, *, image_index=None, n_images=0, bic
         AFFINE=transform == "affine", BLOCK_F=block_f, FULL=full, OUTSIDE=outside, SUPPORT=2.0 if bicubic else 1.0,
     )
     return matrices, flags, index_out, table
-
-
-def _fit_triton(landmarks: torch.Tensor, size: int, transform: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(F, 2, 3) fp32 crop -> image matrices and (F,) bool degenerate flags, all faces in one launch."""
-    matrices, flags, _, _ = _launch_fit(landmarks, size, transform)
-    return matrices, flags.bool()
-
-
-def _prepare_triton(landmarks, image_index, n_images, size, transform, bicubic, outside):
-    """Everything a Triton warp needs, from one launch: (matrices (F, 2, 3) fp32, status (F,) int8
-    (0 valid, 1 image_index out of range, 2 non-finite landmarks, 3 degenerate), image_index (F,)
-    int32 with out-of-range values replaced by 0, gather table (F, 16) fp32). ``outside``: invalid
-    faces get the all-outside matrix (black crop, no gradient), as face_warp(check=False) defines."""
-    return _launch_fit(landmarks, size, transform, image_index=image_index, n_images=n_images, bicubic=bicubic,
-                       outside=outside)
 
 
 #: How the backward produces the image gradient: "gather" (each pixel tile gathers from the crop

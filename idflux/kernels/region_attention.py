@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 
 from idflux.kernels._backend import HAS_TRITON, resolve_backend
-from idflux.kernels.region_attention_ref import region_attention_packed_ref, region_attention_ref, token_groups
+from idflux.kernels.region_attention_ref import (dense_token_groups, region_attention_packed_ref, region_attention_ref,
+                                                 token_groups)
 
 #: References per image either backend handles: bits of an int64 bitmask, the sign bit excluded.
 MAX_REFS = 62
@@ -512,7 +513,7 @@ def _region_attention_triton(q, k, v, membership, ref_offsets, planned, scale):
     return RegionAttentionFunction.apply(q, k, v, (membership, ref_offsets, *plan), scale, hint)
 
 
-def _groups_for(entry, membership, image_index, ref_offsets, n_rows):
+def _groups_for(entry, membership, image_index, ref_offsets):
     """The reference's token groups (:func:`token_groups`) of a layout, kept in its cache entry like
     the tile plan (the CPU path then reads no values back after a layout's first call); None under
     torch.compile (the reference computes them in the graph)."""
@@ -520,9 +521,8 @@ def _groups_for(entry, membership, image_index, ref_offsets, n_rows):
         return None
     groups = entry.get("groups")
     if groups is None:
-        if image_index is None:  # dense form: token b * Nq + i of image b
-            image_index = torch.arange(membership.numel(), device=membership.device) // max(n_rows, 1)
-        groups = entry["groups"] = token_groups(membership.reshape(-1), image_index, ref_offsets)
+        groups = entry["groups"] = (dense_token_groups(membership, ref_offsets) if image_index is None
+                                    else token_groups(membership, image_index, ref_offsets))
     return groups
 
 
@@ -574,7 +574,7 @@ def region_attention(q, k, v, membership, ref_offsets, *, scale=None, backend="a
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if impl == "torch":
         return region_attention_ref(q, k, v, membership, ref_offsets, scale,
-                                    groups=_groups_for(entry, membership, None, ref_offsets, q.shape[2]))
+                                    groups=_groups_for(entry, membership, None, ref_offsets))
     plan = _plan_for(entry, membership, None, q.shape[0], ref_offsets)
     membership = _kernel_ready("region_attention", q, membership)
     return _region_attention_triton(q, k, v, membership, ref_offsets, plan, scale)
@@ -610,7 +610,7 @@ def region_attention_packed(q, k, v, membership, image_index, ref_offsets, *, sc
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if impl == "torch":
         return region_attention_packed_ref(q, k, v, membership, image_index, ref_offsets, scale,
-                                           groups=_groups_for(entry, membership, image_index, ref_offsets, 0))
+                                           groups=_groups_for(entry, membership, image_index, ref_offsets))
     plan = _plan_for(entry, membership, image_index, k.shape[0], ref_offsets)
     membership = _kernel_ready("region_attention_packed", q, membership)
     return _region_attention_triton(q, k, v, membership, ref_offsets, plan, scale)

@@ -63,6 +63,13 @@ def token_groups(membership, image_index, ref_offsets) -> list[tuple]:
     return groups
 
 
+def dense_token_groups(membership, ref_offsets) -> list[tuple]:
+    """:func:`token_groups` of a dense layout, membership (B, Nq): token ``b * Nq + i`` is in image b."""
+    B, Nq = membership.shape
+    image_index = torch.arange(B * Nq, device=membership.device) // max(Nq, 1)
+    return token_groups(membership.reshape(-1), image_index, ref_offsets)
+
+
 def _grouped_attention(q, k, v, groups, acc, scale):
     """(T, H, D) attention output of the packed queries q, one unmasked SDPA per group; rows of no
     group are 0.
@@ -93,9 +100,9 @@ def _grouped_attention(q, k, v, groups, acc, scale):
         parts = q.split(sizes)
         queries = [p for p, g in zip(parts, is_group) if g]
     else:
-        index = torch.cat([torch.arange(r.start, r.stop, device=q.device) if isinstance(r, slice) else r
-                           for _, r, _ in groups])
-        queries = q.index_select(0, index).split([_size(r) for _, r, _ in groups])
+        rows = [torch.arange(r.start, r.stop, device=q.device) if isinstance(r, slice) else r for _, r, _ in groups]
+        index = torch.cat(rows)
+        queries = q.index_select(0, index).split([r.numel() for r in rows])
     outs = []
     for (b, _, keys), qs in zip(groups, queries):
         # 4-D (1, H, n, D): the rank SDPA's fused CPU kernel takes (3-D goes to the slower math path).
@@ -106,10 +113,6 @@ def _grouped_attention(q, k, v, groups, acc, scale):
         it = iter(outs)
         return torch.cat([next(it) if g else q.new_zeros((n, H, D), dtype=acc) for n, g in zip(sizes, is_group)])
     return q.new_zeros((T, H, D), dtype=acc).index_copy(0, index, torch.cat(outs))
-
-
-def _size(rows) -> int:
-    return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
 
 
 def region_attention_packed_ref(q, k, v, membership, image_index, ref_offsets, scale=None, groups=None):
@@ -128,13 +131,12 @@ def region_attention_ref(q, k, v, membership, ref_offsets, scale=None, groups=No
     """Reference region attention. Shapes as :func:`idflux.kernels.region_attention`.
 
     Computes in fp32 (float64 stays float64) and returns ``q.dtype``: the packed reference on the
-    B * Nq tokens. ``groups``: :func:`token_groups` of the flattened layout (token ``b * Nq + i``,
-    image index ``arange(B * Nq) // Nq``) when the caller has it. Assumes valid input.
+    B * Nq tokens. ``groups``: :func:`dense_token_groups` of the layout when the caller has it.
+    Assumes valid input.
     """
     B, H, Nq, D = q.shape
     if groups is None:
-        image_index = torch.arange(B * Nq, device=q.device) // max(Nq, 1)
-        groups = token_groups(membership.reshape(-1), image_index, ref_offsets)
+        groups = dense_token_groups(membership, ref_offsets)
     # One transposed copy of q, then row gathers from it: ~2x faster on the CPU than gathering each
     # group from the (B, H, Nq, D) strides.
     qp = q.transpose(1, 2).reshape(B * Nq, H, D)
