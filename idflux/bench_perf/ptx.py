@@ -104,10 +104,16 @@ def cosine_infonce_report(dtype: str = "bf16", arch: int = 90) -> dict[str, dict
         "_cosine_infonce_shared_fwd_kernel": (C._cosine_infonce_shared_fwd_kernel,
                                               dict(BLOCK_R=16, BLOCK_M=32, BLOCK_D=512, IEEE=dtype == "fp32", **flags), 8),
         "_cosine_infonce_merge_kernel": (C._cosine_infonce_merge_kernel, dict(BLOCK_S=16, BLOCK_D=512), 4),
+        "_cosine_infonce_bwd_kernel": (C._cosine_infonce_bwd_kernel,
+                                       dict(NEED_G=True, NEED_POS=True, IN_BATCH=True, BLOCK_N=16, BLOCK_D=512), 4),
+        # one row, and the upstream gradient of a mean (stride 0): size-1 integers become constants
+        "_cosine_infonce_bwd_kernel[ones]": (C._cosine_infonce_bwd_kernel,
+                                             dict(NEED_G=True, NEED_POS=True, IN_BATCH=True, BLOCK_N=16, BLOCK_D=512, N=1), 4),
     }
+    grads = {"grad_g_ptr": f"*{dtype}", "grad_pos_ptr": f"*{dtype}"}
     out = {}
     for name, (fn, constexprs, warps) in cases.items():
-        sig = generic_signature(fn, {**inputs, **ints}, constexprs, floats, unit + ("stride_im",))
+        sig = generic_signature(fn, {**inputs, **ints, **grads}, constexprs, floats, unit + ("stride_im",))
         out[name] = memory_ops(compile_ptx(fn, *sig, arch=arch, num_warps=warps))
     return out
 

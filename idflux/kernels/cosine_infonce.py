@@ -4,15 +4,17 @@
     s = cos(., .) / tau,   cos(a, b) = <a / max(||a||, 1e-6), b / max(||b||, 1e-6)>
 
 Layers: ``_cosine_infonce_fwd_kernel`` (one pass over the candidates of one row, split across
-programs) -> ``_cosine_infonce_merge_kernel`` (flash-decoding merge of the partial max / sum-exp /
-weighted sums, loss and the gradient to g) -> launcher ``_cosine_infonce_triton`` ->
-``CosineInfoNCEFunction`` -> ``cosine_infonce``. The PyTorch reference is
+programs; ``_cosine_infonce_shared_fwd_kernel`` for a bank shared by 16+ rows) ->
+``_cosine_infonce_merge_kernel`` (flash-decoding merge of the partial max / sum-exp / weighted
+sums, loss and the gradient to g) -> launcher ``_cosine_infonce_triton`` ->
+``CosineInfoNCEFunction`` (backward: ``_cosine_infonce_bwd_kernel``) -> ``cosine_infonce``. The PyTorch reference is
 :func:`idflux.kernels.cosine_infonce_ref.cosine_infonce_ref`.
 
 Like Liger's fused cross-entropy, the gradient is produced in the forward: the pass that computes
 a row's log-sum-exp also accumulates sum_j p_j * n_j (the softmax-weighted normalised candidates),
-which is all d loss_n / d g_n needs, so the backward never reads the bank again; it only scales by
-the upstream gradient (plus an (N, N) product for the in-batch negatives' share of d/d pos).
+which is all d loss_n / d g_n needs, so the backward never reads the bank again: one launch scales
+dg by the upstream gradient and forms d/d pos (with the in-batch negatives' share, an (N, N) by
+(N, D) product) through pos's normalisation.
 """
 
 from __future__ import annotations
@@ -66,12 +68,20 @@ def _cosine_infonce_fwd_kernel(
     l_i = 0.0
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     start = split * TILES_PER_SPLIT * BLOCK_M
+    if HAS_INDEX:
+        # The indices of the next tile are loaded while this tile's rows are read, so the two
+        # dependent loads of a gather (index, then row) overlap across iterations.
+        j0 = start + tl.arange(0, BLOCK_M)
+        brow_next = tl.load(idx_ptr + row * stride_in + j0.to(tl.int64) * stride_im, mask=j0 < M, other=0)
     for t in range(0, TILES_PER_SPLIT):
         j = start + t * BLOCK_M + tl.arange(0, BLOCK_M)
         in_bank = j < M
         keep = j < C
         if HAS_INDEX:
-            brow = tl.load(idx_ptr + row * stride_in + j.to(tl.int64) * stride_im, mask=in_bank, other=0).to(tl.int64)
+            brow = brow_next.to(tl.int64)
+            jn = j + BLOCK_M
+            brow_next = tl.load(idx_ptr + row * stride_in + jn.to(tl.int64) * stride_im,
+                                mask=(jn < M) & (jn < start + TILES_PER_SPLIT * BLOCK_M), other=0)
             in_range = (brow >= 0) & (brow < K)
             keep = keep & ((j >= M) | in_range)
             in_bank = in_bank & in_range
@@ -231,12 +241,49 @@ def _cosine_infonce_merge_kernel(
     tl.store(dg_ptr + row * D + d, dg, mask=dmask)
 
 
-def _normalize_backward(x: torch.Tensor, dxhat: torch.Tensor, eps: float) -> torch.Tensor:
-    """Gradient through x / max(||x||, eps) (rows), matching autograd of the clamp_min form."""
-    n = x.norm(dim=-1, keepdim=True)
-    xhat = x / n.clamp_min(eps)
-    proj = torch.where(n >= eps, xhat * (xhat * dxhat).sum(-1, keepdim=True), torch.zeros_like(xhat))
-    return (dxhat - proj) / n.clamp_min(eps)
+@triton.jit
+def _cosine_infonce_bwd_kernel(
+    w_ptr, pos_ptr, lse_ptr, ppos_ptr, u_ptr, dg_ptr, s_ib_ptr, grad_g_ptr, grad_pos_ptr,
+    stride_w, stride_pn, stride_pd,
+    N, D, inv_tau, eps,
+    NEED_G: tl.constexpr, NEED_POS: tl.constexpr, IN_BATCH: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program row: the whole backward of one row, in one launch for all rows.
+
+    grad_g[n] = w[n] * dg[n] (dg was produced in the forward). grad_pos[n] goes through
+    v = pos / max(||pos||, eps) from d loss / d v[n] = (w[n] (p_pos[n] - 1) u[n]
+    + sum_m w[m] exp(s_ib[m, n] - lse[m]) u[m]) / tau, the sum (in-batch negatives) over the rows m
+    that used pos[n] as a negative (excluded pairs hold s = -inf, so they add exactly 0).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    w = tl.load(w_ptr + row * stride_w).to(tl.float32)
+    if NEED_G:
+        dg = tl.load(dg_ptr + row * D + d, mask=dmask, other=0.0)
+        tl.store(grad_g_ptr + row * D + d, (w * dg).to(grad_g_ptr.dtype.element_ty), mask=dmask)
+    if NEED_POS:
+        u = tl.load(u_ptr + row * D + d, mask=dmask, other=0.0)
+        dv = (w * (tl.load(ppos_ptr + row) - 1.0)) * u
+        if IN_BATCH:
+            for m0 in range(0, N, BLOCK_N):
+                m = (m0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+                mm = m < N
+                s = tl.load(s_ib_ptr + m * N + row, mask=mm, other=float("-inf"))
+                lse_m = tl.load(lse_ptr + m, mask=mm, other=0.0)
+                w_m = tl.load(w_ptr + m * stride_w, mask=mm, other=0.0).to(tl.float32)
+                coef = tl.where(mm, tl.exp(s - lse_m) * w_m, 0.0)
+                u_m = tl.load(u_ptr + m[:, None] * D + d[None, :], mask=mm[:, None] & dmask[None, :], other=0.0)
+                dv += tl.sum(coef[:, None] * u_m, 0)
+        dv = dv * inv_tau
+        px = tl.load(pos_ptr + row * stride_pn + d * stride_pd, mask=dmask, other=0.0).to(tl.float32)
+        p_norm = tl.sqrt(tl.sum(px * px, 0))
+        v = px / tl.maximum(p_norm, eps)
+        # Through the clamp: below eps the norm gets no gradient (autograd of the clamp_min form).
+        proj = tl.where(p_norm >= eps, v * tl.sum(v * dv, 0), 0.0)
+        gp = (dv - proj) / tl.maximum(p_norm, eps)
+        tl.store(grad_pos_ptr + row * D + d, gp.to(grad_pos_ptr.dtype.element_ty), mask=dmask)
 
 
 #: A bank shared by all rows (no neg_index) goes through the row-tiled kernel from this many rows
@@ -333,18 +380,28 @@ class CosineInfoNCEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         pos, lse, p_pos, u, dg, s_ib = ctx.saved_tensors
-        w = grad_loss.float()
-        grad_g = grad_pos = None
-        if ctx.needs_input_grad[0]:
-            grad_g = (w[:, None] * dg).to(ctx.g_dtype)
-        if ctx.needs_input_grad[1]:
-            # pos[n] is row n's positive (weight p_pos - 1) and, in-batch, a negative of every
-            # other row m (weight p_mn = exp(s_mn - lse_m)); excluded pairs hold s = -inf -> 0.
-            dvhat = (w * (p_pos - 1.0))[:, None] * u
-            if s_ib is not None:
-                dvhat = dvhat + (torch.exp(s_ib - lse[:, None]) * w[:, None]).T @ u
-            grad_pos = _normalize_backward(pos.float(), dvhat / ctx.tau, EPS).to(pos.dtype)
+        need_g, need_pos = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_g or need_pos):
+            return (None,) * 8
+        N, D = u.shape
+        grad_g = torch.empty(N, D, device=u.device, dtype=ctx.g_dtype) if need_g else None
+        grad_pos = torch.empty(N, D, device=u.device, dtype=pos.dtype) if need_pos else None
+        with torch.cuda.device(u.device) if u.device.type == "cuda" else contextlib.nullcontext():
+            _cosine_infonce_bwd_kernel[(N,)](
+                grad_loss, pos, lse, p_pos, u, dg, s_ib if s_ib is not None else lse,
+                grad_g if need_g else u, grad_pos if need_pos else u,
+                grad_loss.stride(0), pos.stride(0), pos.stride(1),
+                N, D, 1.0 / ctx.tau, EPS,
+                NEED_G=need_g, NEED_POS=need_pos, IN_BATCH=s_ib is not None,
+                BLOCK_N=_bwd_block_n(D), BLOCK_D=max(16, triton.next_power_of_2(D)),
+                num_warps=8 if D >= 1024 else 4,
+            )
         return grad_g, grad_pos, None, None, None, None, None, None
+
+
+def _bwd_block_n(D: int) -> int:
+    """Rows of u per step of the in-batch sum: a (BLOCK_N, BLOCK_D) fp32 tile of at most 8192 values."""
+    return max(1, min(64, 8192 // max(16, triton.next_power_of_2(D))))
 
 
 def _check_tensor(name: str, x, *, dims: int) -> None:
