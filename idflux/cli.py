@@ -59,7 +59,7 @@ def _cmd_bench(args) -> int:
         print(f"idflux bench: unknown op(s) {unknown}; choose from {', '.join(OPS)}", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    rows, pairs = [], []
+    rows, pairs, goals = [], [], []
     for op in args.ops or OPS:
         module = importlib.import_module(f"idflux.bench_perf.bench_{op}")
         print(f"# {op} on {device}")
@@ -68,8 +68,10 @@ def _cmd_bench(args) -> int:
             cases = harness.time_limited(cases, args.op_budget, log=print)
         rows += harness.run_cases(cases, device, budget_s=args.budget)
         pairs += module.SUMMARY
+        goals += getattr(module, "GOALS", [])
         if args.out:  # after every op: a run cut short (a time limit) keeps what it measured
-            harness.write_results(args.out, rows, harness.speedups(rows, pairs), harness.speedups(rows, pairs, key="ms_device"))
+            harness.write_results(args.out, rows, harness.speedups(rows, pairs), harness.speedups(rows, pairs, key="ms_device"),
+                                  harness.goal_report(rows, goals))
     summary = harness.speedups(rows, pairs)
     summary_device = harness.speedups(rows, pairs, key="ms_device")
     for title, table in (("eager calls", summary), ("device time, CUDA-graph replay", summary_device)):
@@ -78,8 +80,13 @@ def _cmd_bench(args) -> int:
             for s in table:
                 print(f"{s['op']:<17} {s['provider']:<10} vs {s['baseline']:<16} {s['mode']:<8} "
                       f"{harness.shape_label(s['shape'])}  {s['speedup']:7.2f}x")
+    report = harness.goal_report(rows, goals)
+    if report:
+        print("# goals (the issues' performance goals; eager = ms, device = CUDA-graph replay; same run)")
+        for line in harness.goal_lines(report):
+            print(line)
     if args.out:
-        harness.write_results(args.out, rows, summary, summary_device)
+        harness.write_results(args.out, rows, summary, summary_device, report)
         print(f"wrote {args.out}")
         if args.plot:
             from idflux.bench_perf.plots import plot_results

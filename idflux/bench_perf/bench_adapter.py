@@ -22,13 +22,15 @@ from typing import Iterator
 import torch
 
 from idflux.bench_perf.bench_region_attention import quadrant_boxes, released_mask_from_membership
-from idflux.bench_perf.harness import Case, mode_fns
+from idflux.bench_perf.harness import Case, Goal, mode_fns
 from idflux.engine.adapter import AdapterConfig, IdentityAdapter, RegionLayout
 from idflux.engine.regions import boxes_to_membership
 from idflux.kernels.region_attention_ref import dense_mask_from_membership
 
 OP = "adapter"
 SUMMARY = [("ours", "released"), ("ours+prepare", "released"), ("ours", "released+loops")]
+# Issue #6: the adapter (57 x 2 modules) >= 3x the released formulation, fwd and fwd+bwd.
+GOALS = [Goal(6, ">= 3x the released dense-mask formulation", OP, "ours", "released", m, "speedup", 3.0) for m in ("fwd", "fwd+bwd")]
 
 
 def _released_step(adapter: IdentityAdapter, img, arc, sig, membership, R, *, loops: bool = False):

@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from idflux.bench_perf.harness import MODES, Case, mode_fns
+from idflux.bench_perf.harness import MODES, Case, Goal, mode_fns
 from idflux.kernels import _backend
 from idflux.kernels.cosine_infonce import cosine_infonce
 from idflux.kernels.cosine_infonce_ref import EPS, cosine_infonce_ref
@@ -36,6 +36,13 @@ OP = "cosine_infonce"
 TAU = 0.1
 SUMMARY = [("ref", "gathered_ce"), ("triton", "gathered_ce"), ("triton", "compile_ref"),
            ("triton_nocheck", "gathered_ce"), ("triton_nocheck", "compile_ref")]
+_GOAL_CASE = (("N", 64), ("M", 4096), ("bank", "gallery"))
+# Issue #4's goals at N = 64, M = 4096 (per-row gallery draws, the released recipe), each dtype.
+GOALS = [
+    Goal(4, ">= 5x the released way (gathered (N, M, D) + cross_entropy)", OP, p, "gathered_ce", "fwd+bwd", "speedup", 5.0,
+         _GOAL_CASE) for p in ("triton_nocheck", "triton")
+] + [Goal(4, ">= 100x less extra memory than the released way", OP, "triton", "gathered_ce", "fwd+bwd", "memory", 100.0,
+          _GOAL_CASE)]
 # Providers with no host sync: also timed from a CUDA-graph replay (device time).
 CAPTURABLE = {"triton_nocheck", "ref", "gathered_ce", "compile_ref"}
 GATHER_LIMIT_BYTES = 12 * 2**30

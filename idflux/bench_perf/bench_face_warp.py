@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from idflux.bench_perf.harness import Case, mode_fns, with_setting
+from idflux.bench_perf.harness import Case, Goal, mode_fns, with_setting
 from idflux.kernels._backend import HAS_TRITON
 from idflux.kernels.face_warp import face_warp, face_warp_matrices
 from idflux.kernels.face_warp_ref import arcface_template
@@ -38,6 +38,11 @@ SUMMARY = [
     ("triton_nocheck", "grid_sample_bicubic"), ("triton_nocheck", "grid_sample_bilinear"),
     ("triton_nocheck", "triton_scatter_bwd"), ("grad_write", "triton_nocheck"),
 ]
+# Issue #5's goals: every batch size and image size, bicubic as released.
+GOALS = [
+    Goal(5, ">= 3x the released way (affine_grid + grid_sample bicubic)", OP, p, "grid_sample_bicubic", "fwd+bwd",
+         "speedup", 3.0, (("interp", "bicubic"),)) for p in ("triton_nocheck", "triton")
+] + [Goal(5, "backward within 2x of writing the image gradient", OP, "triton_nocheck", "grad_write", "bwd", "slowdown", 2.0)]
 # Providers with no host sync: also timed from a CUDA-graph replay (device time).
 CAPTURABLE = {"triton_nocheck", "triton_scatter_bwd", "grid_sample_bilinear", "grid_sample_bicubic", "grad_write"}
 CROP = 112

@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from idflux.bench_perf.harness import Case, mode_fns, with_setting
+from idflux.bench_perf.harness import Case, Goal, mode_fns, with_setting
 from idflux.engine.regions import TOKEN_PIXELS, box_token_range, boxes_to_membership
 from idflux.kernels import region_attention, region_attention_packed
 from idflux.kernels._backend import HAS_TRITON
@@ -40,6 +40,16 @@ SUMMARY = [
     ("triton_packed", "sdpa_mask"), ("triton_packed", "flex"), ("triton", "copy"), ("triton_packed", "copy"),
     ("triton", "triton_atomic_bwd"), ("triton+plan", "sdpa_mask+build"), ("triton+plan", "sdpa_mask"),
 ]
+_SIGLIP = (("tokens_per_ref", 264), ("dtype", "bf16"))
+# Issue #3's goals, on the SigLIP shape fwd+bwd (both forms: the engine calls the packed one).
+GOALS = [g for form in ("triton_packed", "triton") for g in (
+    Goal(3, ">= 10x the released path (SDPA + dense mask)", OP, form, "sdpa_mask", "fwd+bwd", "speedup", 10.0, _SIGLIP),
+    Goal(3, ">= 10x the released path with its mask built per call", OP, form, "sdpa_mask+build", "fwd+bwd", "speedup", 10.0,
+         _SIGLIP),
+    Goal(3, ">= 2x FlexAttention", OP, form, "flex", "fwd+bwd", "speedup", 2.0, _SIGLIP),
+    Goal(3, ">= 70% of copy bandwidth on the bytes it must move", OP, form, "copy", "fwd+bwd", "bandwidth", 0.7, _SIGLIP,
+         baseline_mode="fwd"),
+)]
 # Providers that never sync with the host: also timed from a CUDA-graph replay.
 CAPTURABLE = {"triton", "triton_packed", "triton_atomic_bwd", "sdpa_mask", "flex", "gather_sdpa", "copy"}
 HEADS, HEAD_DIM = 24, 64

@@ -12,12 +12,15 @@ from typing import Iterator
 import torch
 
 from idflux.bench_perf.bench_region_attention import quadrant_boxes
-from idflux.bench_perf.harness import Case
+from idflux.bench_perf.harness import Case, Goal
 from idflux.engine.adapter import IdentityAdapter, RegionLayout, flux_dev_adapter, tiny_adapter
 from idflux.engine.regions import boxes_to_membership
 
 OP = "sample"
 SUMMARY = [("no_adapter", "adapter")]
+# Issue #6: the adapter costs <= 4% of a full FLUX sampling step (a GPU goal).
+GOALS = [Goal(6, "adapter overhead <= 4% of a sampling step", OP, "adapter", "no_adapter", "fwd", "slowdown", 1.04,
+              (("device", "cuda"),))]
 
 
 def _flux(cuda: bool):

@@ -20,10 +20,13 @@ from typing import Iterator
 
 import torch
 
-from idflux.bench_perf.harness import Case
+from idflux.bench_perf.harness import Case, Goal
 
 OP = "train_step"
 SUMMARY = [("ours", "released"), ("ours", "released+loops")]
+# Issue #7: >= 1.25x the released formulation per training step (a GPU goal).
+GOALS = [Goal(7, ">= 1.25x the released formulation per step", OP, "ours", "released", "fwd+bwd", "speedup", 1.25,
+              (("device", "cuda"),))]
 
 
 class _ReleasedAdapter(torch.nn.Module):

@@ -12,6 +12,10 @@ host sync included). ``ms_device`` (cases marked ``graph=True``: no host sync in
 call captured in a CUDA graph, so host overhead is gone and only device time remains: the number
 to hold against a bandwidth or FLOP bound, and the one a caller that captures its step gets.
 Speed-ups are reported for both (``speedups`` and ``speedups_device``).
+
+``GOALS`` (optional, per bench module): the issues' performance goals as :class:`Goal` entries;
+``goal_report`` holds every measured case of a goal against its threshold, for both times, so a
+run says in its own output which goals it met.
 """
 
 from __future__ import annotations
@@ -310,14 +314,115 @@ def speedups(rows: list[dict], pairs: Sequence[tuple[str, str]], key: str = "ms"
     return out
 
 
+@dataclass(frozen=True)
+class Goal:
+    """A performance goal: ``provider`` against ``baseline`` on the cases of ``op`` in ``mode`` whose
+    shape (or the row's ``dtype`` / ``device``) match ``where`` (a value, or a tuple of allowed
+    values, per key); the baseline row is the same case in ``baseline_mode`` (default ``mode``).
+
+    metric: ``"speedup"`` (baseline time / provider time >= ``bound``), ``"slowdown"`` (provider
+    time / baseline time <= ``bound``), ``"bandwidth"`` (provider GB/s / baseline GB/s >= ``bound``,
+    the baseline being a copy of the bytes) or ``"memory"`` (baseline peak / provider peak >=
+    ``bound``). issue: the issue number that sets it; text: the goal in words.
+    """
+
+    issue: int
+    text: str
+    op: str
+    provider: str
+    baseline: str
+    mode: str
+    metric: str
+    bound: float
+    where: tuple = ()  # ((key, value or tuple of values), ...): hashable, frozen
+    baseline_mode: str | None = None
+
+    def matches(self, row: dict) -> bool:
+        if (row["op"], row["mode"]) != (self.op, self.mode):
+            return False
+        for key, want in self.where:
+            have = row.get(key) if key in ("dtype", "device") else row["shape"].get(key)
+            if have not in (want if isinstance(want, tuple) else (want,)):
+                return False
+        return True
+
+
+_GOAL_METRICS = ("speedup", "slowdown", "bandwidth", "memory")
+
+
+def _goal_value(goal: Goal, prov: dict, base: dict, key: str) -> float | None:
+    """The goal's ratio on one case from ``key`` times ("ms" or "ms_device"); None if unmeasured."""
+    if goal.metric == "memory":
+        a, b = prov.get("peak_mem_mb"), base.get("peak_mem_mb")
+        return b / max(a, 1e-3) if a is not None and b is not None else None
+    tp, tb = prov.get(key), base.get(key)
+    if not tp or not tb:
+        return None
+    if goal.metric == "speedup":
+        return tb / tp
+    if goal.metric == "slowdown":
+        return tp / tb
+    # bandwidth: bytes / time of each; the rows' GB/s come from eager times, so rescale to ``key``
+    gp, gb = prov.get("gbps"), base.get("gbps")
+    if not gp or not gb:
+        return None
+    return (gp * prov["ms"] / tp) / (gb * base["ms"] / tb)
+
+
+def goal_report(rows: list[dict], goals: Sequence[Goal]) -> list[dict]:
+    """One entry per goal and matching case: the ratio from eager times (``value``) and from
+    CUDA-graph device times (``value_device``, where both rows have one), and whether each meets
+    the bound (``met``, ``met_device``; None when unmeasured)."""
+    for g in goals:
+        if g.metric not in _GOAL_METRICS:
+            raise ValueError(f"Goal.metric must be one of {_GOAL_METRICS}, got {g.metric!r}")
+    index = {(r["op"], r["provider"], r["mode"], json.dumps(r["shape"], sort_keys=True), r["dtype"]): r
+             for r in rows if r.get("ms") is not None}
+    out = []
+    for g in dict.fromkeys(goals):
+        for (op, prov, mode, shape, dtype), row in index.items():
+            if prov != g.provider or not g.matches(row):
+                continue
+            base = index.get((op, g.baseline, g.baseline_mode or mode, shape, dtype))
+            if base is None:
+                continue
+            entry = {"issue": g.issue, "goal": g.text, "op": op, "provider": prov, "baseline": g.baseline, "mode": mode,
+                     "baseline_mode": g.baseline_mode or mode,
+                     "shape": json.loads(shape), "dtype": dtype, "metric": g.metric, "bound": g.bound}
+            for key, suffix in (("ms", ""), ("ms_device", "_device")):
+                value = _goal_value(g, row, base, key)
+                if g.metric == "memory" and suffix:
+                    value = None  # one peak per row: the eager entry holds it
+                entry["value" + suffix] = value
+                entry["met" + suffix] = None if value is None else (value <= g.bound if g.metric == "slowdown" else value >= g.bound)
+            out.append(entry)
+    return out
+
+
+def goal_lines(report: list[dict]) -> list[str]:
+    """The report as printable lines: goal, case, eager ratio and device ratio with met / NOT MET."""
+    def verdict(value, met):
+        return "-" if value is None else f"{value:.2f}x {'met' if met else 'NOT MET'}"
+    lines = []
+    for e in report:
+        sign = "<=" if e["metric"] == "slowdown" else ">="
+        lines.append(f"#{e['issue']} {e['op']:<16} {e['provider']} vs {e['baseline']} {e['mode']} {e['dtype']} "
+                     f"{shape_label(e['shape'])}: {e['metric']} {sign} {e['bound']:g}  eager {verdict(e['value'], e['met'])}"
+                     f"  device {verdict(e['value_device'], e['met_device'])}")
+    return lines
+
+
 def write_results(path: str | os.PathLike, rows: list[dict], summary: list[dict],
-                  summary_device: list[dict] | None = None) -> None:
-    """Write rows and speed-ups as JSON, atomically (a crash never leaves a half-written file)."""
+                  summary_device: list[dict] | None = None, goals: list[dict] | None = None) -> None:
+    """Write rows, speed-ups and goal verdicts as JSON, atomically (a crash never leaves a
+    half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "rows": rows, "speedups": summary}
     if summary_device:
         doc["speedups_device"] = summary_device
+    if goals:
+        doc["goals"] = goals
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1, default=str))
     os.replace(tmp, path)
