@@ -63,7 +63,8 @@ def _check_common(fn, q, k, v, membership, ref_offsets, scale, H, D):
         if t.device != q.device:
             _fail(fn, f"{name} is on {t.device} but q is on {q.device}; move all inputs to one device")
     if membership.dtype not in _INT_DTYPES:
-        _fail(fn, f"membership must be an integer bitmask tensor, got {membership.dtype}")
+        _fail(fn, f"membership must be an integer bitmask tensor, got {membership.dtype}; "
+              "for a bool mask of one reference pass membership.long() (bit 0 = reference 0)")
     if ref_offsets.dtype not in _INT_DTYPES:
         _fail(fn, f"ref_offsets must be an integer tensor, got {ref_offsets.dtype}")
     B = k.shape[0]
