@@ -187,7 +187,9 @@ class TrainModel(nn.Module):
                              adapter=self.adapter, adapter_ctx=ctx, checkpoint=cfg.grad_checkpointing)
         l_diff = self.flow_loss(v_hat, x0, noise)  # mean over this process's equal share of the batch
         out = {"loss": l_diff, "diff": D.all_sum(l_diff.detach()) / world}
-        n_faces = D.all_sum(torch.tensor(float(batch.landmarks.shape[0]), device=device))
+        n_faces = batch.landmarks.shape[0]
+        if D.active():  # every process takes the same branch: the global count decides (one sync)
+            n_faces = int(D.all_sum(torch.tensor(float(n_faces), device=device)).item())
         if n_faces > 0:
             x0_hat = unpack_latents(one_step_x0(x_t, v_hat, t), h, w)
             pred = self.vae.decode(x0_hat / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)).sample

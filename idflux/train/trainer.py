@@ -4,7 +4,9 @@ Per optimizer step: set the phase's lr, then for each micro-batch forward (flow 
 identity + contrastive), backward; clip, step, zero_grad, EMA, log, checkpoint. Runs alone or under
 torchrun (DDP over the adapter; the frozen backbone is replicated). Every random draw depends on
 (seed, step, global sample index), so 1 process and N processes give the same run, and a resumed
-run continues exactly.
+run continues exactly. The log line of step k is written once step k + 1 is queued (values
+read back through pinned memory and an event), so the host never waits for the step it has just
+queued; a checkpoint, the end of the run or a crash flushes it.
 """
 
 from __future__ import annotations
@@ -85,53 +87,130 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
             ema = {k: v.float() for k, v in ema_state.items()}
     total = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
     log_path = out / "log.jsonl"
-    if rank == 0 and not resume and log_path.exists():
-        log_path.unlink()
+    if rank == 0:
+        if not resume and log_path.exists():
+            log_path.unlink()
+        elif resume:
+            _truncate_log(log_path, step)  # steps logged after the checkpoint run again
     model.train()
     bar = tqdm(total=total, initial=step, desc="training", disable=rank != 0)
+    log = _StepLog(log_path, bar, device) if rank == 0 else None
     last_ckpt = None
-    while step < total:
-        phase = cfg.phase_at(step)
-        for group in opt.param_groups:
-            group["lr"] = phase.lr
-        t0 = time.perf_counter()
-        logs = {"diff": 0.0, "id": 0.0, "cl": 0.0}
-        for m in range(cfg.grad_accum):
-            first = step * cfg.batch_size + m * (cfg.batch_size // cfg.grad_accum) + rank * micro
-            indices = list(range(first, first + micro))
-            batch = collate([dataset.sample(i, phase) for i in indices], device)
-            last = m == cfg.grad_accum - 1
-            sync = ddp.no_sync() if (ddp is not None and not last) else contextlib.nullcontext()
-            with sync, torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out_l = runner(batch, [_seed(cfg.seed, i) for i in indices], _seed(cfg.seed, step, m, 7))
-                (out_l["loss"] / cfg.grad_accum).backward()
-            for k in logs:
-                if k in out_l:
-                    logs[k] += float(out_l[k]) / cfg.grad_accum
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            with torch.no_grad():
-                for k, v in adapter.state_dict().items():
-                    ema[k].mul_(cfg.ema_decay).add_(v.float(), alpha=1 - cfg.ema_decay)
-        step += 1
-        logs.update(step=step, phase=phase.name, lr=phase.lr, grad_norm=grad_norm, seconds=time.perf_counter() - t0,
-                    loss=logs["diff"] + logs["id"] + logs["cl"])
-        if rank == 0:
-            with log_path.open("a") as f:
-                f.write(json.dumps(logs) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", phase=phase.name)
-        if rank == 0 and (step % cfg.checkpoint_every == 0 or step == total):
-            state = {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
-                     "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
-                     "queue": model.cl_loss.bank.queue_state() if model.cl_loss.bank is not None else None}
-            last_ckpt = save_checkpoint(out, step, weights=adapter.state_dict(), state=state, config=cfg.to_dict(), ema=ema)
-        if D.active():
-            torch.distributed.barrier()
-    bar.close()
+    try:
+        while step < total:
+            phase = cfg.phase_at(step)
+            for group in opt.param_groups:
+                group["lr"] = phase.lr
+            timer = _StepTimer(device)
+            parts = {k: torch.zeros((), device=device) for k in ("diff", "id", "cl")}
+            for m in range(cfg.grad_accum):
+                first = step * cfg.batch_size + m * (cfg.batch_size // cfg.grad_accum) + rank * micro
+                indices = list(range(first, first + micro))
+                batch = collate([dataset.sample(i, phase) for i in indices], device)
+                last = m == cfg.grad_accum - 1
+                sync = ddp.no_sync() if (ddp is not None and not last) else contextlib.nullcontext()
+                with sync, torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    out_l = runner(batch, [_seed(cfg.seed, i) for i in indices], _seed(cfg.seed, step, m, 7))
+                    (out_l["loss"] / cfg.grad_accum).backward()
+                for k in parts:
+                    if k in out_l:
+                        parts[k] = parts[k] + out_l[k].detach().float() / cfg.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                with torch.no_grad():
+                    for k, v in adapter.state_dict().items():
+                        ema[k].mul_(cfg.ema_decay).add_(v.float(), alpha=1 - cfg.ema_decay)
+            step += 1
+            if log is not None:
+                log.add({"step": step, "phase": phase.name, "lr": phase.lr}, {**parts, "grad_norm": grad_norm}, timer.stop())
+            if rank == 0 and (step % cfg.checkpoint_every == 0 or step == total):
+                log.flush()  # the log holds every step the checkpoint holds
+                state = {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
+                         "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+                         "queue": model.cl_loss.bank.queue_state() if model.cl_loss.bank is not None else None}
+                last_ckpt = save_checkpoint(out, step, weights=adapter.state_dict(), state=state, config=cfg.to_dict(), ema=ema)
+            if D.active():
+                torch.distributed.barrier()
+    finally:
+        if log is not None:
+            log.flush()  # a crash keeps the lines of the steps that finished
+        bar.close()
     return {"step": step, "log": log_path, "checkpoint": last_ckpt, "model": model, "dataset": dataset}
+
+
+class _StepTimer:
+    """A step's time: CUDA events on the device (read when the step's log line is written, never
+    waited for here), host wall time otherwise."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> "_StepTimer":
+        if self.cuda:
+            self.end.record()
+        else:
+            self.seconds = time.perf_counter() - self.t0
+        return self
+
+    def read(self) -> float:
+        return self.start.elapsed_time(self.end) / 1000.0 if self.cuda else self.seconds
+
+
+class _StepLog:
+    """The per-step JSONL log, written one step late: a step's values (loss parts, grad norm) stay
+    on the device and go to pinned host memory with an asynchronous copy, so the host queues step
+    k + 1 while the GPU runs step k; step k's line is written once step k + 1 is queued (or at a
+    checkpoint, the end, or a crash: ``flush``)."""
+
+    def __init__(self, path: Path, bar, device: torch.device):
+        self.path, self.bar, self.cuda = path, bar, device.type == "cuda"
+        self.pending: list = []
+
+    def add(self, meta: dict, values: dict, timer: _StepTimer) -> None:
+        vec = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+        event = None
+        if self.cuda:
+            host = torch.empty(vec.shape, dtype=vec.dtype, pin_memory=True)
+            host.copy_(vec, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            vec = host
+        self.pending.append((meta, list(values), vec, event, timer))
+        while len(self.pending) > 1:
+            self._write(self.pending.pop(0))
+
+    def flush(self) -> None:
+        while self.pending:
+            self._write(self.pending.pop(0))
+
+    def _write(self, item) -> None:
+        meta, names, vec, event, timer = item
+        if event is not None:
+            event.synchronize()  # this step only: the steps queued after it keep running
+        row = dict(zip(names, vec.tolist()))
+        row.update(meta, seconds=timer.read(), loss=row["diff"] + row["id"] + row["cl"])
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", phase=meta["phase"])
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of steps <= ``step`` (the checkpoint a run resumes from), atomically."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def read_log(path) -> list[dict]:

@@ -72,6 +72,42 @@ def test_kill_and_resume_gives_the_same_losses(tmp_path, data_root):
     assert not list(ckpt.glob(".tmp*")), "no half-written checkpoint left"
 
 
+class _DiesAt:
+    """The training data, but asking for sample ``index`` raises (a run killed mid-step)."""
+
+    def __init__(self, dataset, index):
+        self.dataset, self.index = dataset, index
+
+    def sample(self, i, phase):
+        if i >= self.index:
+            raise RuntimeError("killed")
+        return self.dataset.sample(i, phase)
+
+    def __getattr__(self, name):
+        return getattr(self.dataset, name)
+
+
+def test_crash_between_checkpoints_then_resume_logs_each_step_once(tmp_path, data_root):
+    """Killed in step 6 with the last checkpoint at step 4: the log keeps steps 1-5 (nothing that
+    finished is lost), the resume runs 5 and 6 again and the log ends with each step once, equal to
+    an uninterrupted run."""
+    full = train(small_cfg(tmp_path / "full", data_root))
+    cfg = small_cfg(tmp_path / "part", data_root)
+    dying = _DiesAt(build_dataset(cfg), 5 * cfg.batch_size)  # the first sample of step 6
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg, dataset=dying)
+    log = tmp_path / "part" / "log.jsonl"
+    assert [r["step"] for r in read_log(log)] == [1, 2, 3, 4, 5]
+    assert (tmp_path / "part" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    train(cfg, resume=True)
+    a, b = read_log(full["log"]), read_log(log)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        assert rb["seconds"] > 0 and rb["grad_norm"] >= 0
+        for key in ("loss", "diff", "id", "cl", "grad_norm"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (ra["step"], key)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -142,3 +178,25 @@ def test_corrupt_shard_member_is_skipped_and_counted_during_training(tmp_path):
     result = train(cfg, max_steps=2)
     assert result["step"] == 2
     assert sum(result["dataset"].skipped.values()) >= 1
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_step_log_writes_each_line_one_step_late(tmp_path, device):
+    from tqdm.auto import tqdm
+
+    from idflux.train.trainer import _StepLog, _StepTimer
+
+    dev = torch.device(device)
+    path = tmp_path / "log.jsonl"
+    log = _StepLog(path, tqdm(disable=True), dev)
+    for step in (1, 2, 3):
+        timer = _StepTimer(dev)
+        x = torch.full((), float(step), device=dev)
+        log.add({"step": step, "phase": "p", "lr": 1e-4}, {"diff": x, "id": 2 * x, "cl": 3 * x, "grad_norm": x.sqrt()}, timer.stop())
+        written = read_log(path) if path.exists() else []
+        assert [r["step"] for r in written] == list(range(1, step)), "line k is written when step k + 1 is queued"
+    log.flush()
+    rows = read_log(path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["loss"] for r in rows] == [6.0, 12.0, 18.0] and rows[2]["grad_norm"] == pytest.approx(3 ** 0.5)
+    assert all(r["seconds"] >= 0 for r in rows)
