@@ -38,6 +38,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="under torchrun: shard the frozen FLUX transformer with FSDP2 instead of replicating it")
     p.add_argument("--device", help="cpu or cuda (default: the preset's)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, help="DataLoader worker processes preparing batches ahead (default: the preset's; 0 = none)")
 
 
 def config_from_args(args) -> C.TrainConfig:
@@ -45,7 +46,8 @@ def config_from_args(args) -> C.TrainConfig:
     cfg = C.tiny(out=out) if args.preset == "tiny" else C.flux_dev(out=out)
     for arg, field in (("data", "data"), ("batch_size", "batch_size"), ("grad_accum", "grad_accum"), ("size", "size"),
                        ("ema", "ema_decay"), ("id_gating", "id_gating"), ("flux", "flux"), ("face_models", "face_models"),
-                       ("siglip", "siglip"), ("adapter_init", "adapter_init"), ("device", "device"), ("seed", "seed")):
+                       ("siglip", "siglip"), ("adapter_init", "adapter_init"), ("device", "device"), ("seed", "seed"),
+                       ("workers", "num_workers")):
         value = getattr(args, arg, None)
         if value is not None:
             setattr(cfg, field, value)

@@ -66,7 +66,8 @@ class TrainConfig:
     shard_backbone: bool = False
     """Under torchrun: shard the frozen FLUX transformer with FSDP2 (per block) instead of replicating it."""
     checkpoint_every: int = 500
-    log_every: int = 1
+    num_workers: int = 0
+    """DataLoader worker processes preparing micro-batches ahead of the step (0: in the training process)."""
     seed: int = 0
     device: str = "cuda"
     flux: str | None = None
@@ -115,7 +116,7 @@ def tiny(out: str = "runs/tiny", **overrides) -> TrainConfig:
 def flux_dev(out: str = "runs/flux-dev", **overrides) -> TrainConfig:
     """The paper's recipe on FLUX.1-dev: global batch 32 at 512^2, AdamW 1e-4 / wd 0.01, clip 1.0, bf16,
     gradient checkpointing, 4096 negatives, loss weights 0.1 / 0.1."""
-    cfg = TrainConfig(preset="flux-dev", out=out)
+    cfg = TrainConfig(preset="flux-dev", out=out, num_workers=4)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg

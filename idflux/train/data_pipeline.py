@@ -29,16 +29,63 @@ class PhasedDataset:
         ds = self.dataset
         ds.paired_prob = phase.paired_ratio
         ds.fixed_prompt = self.fixed_prompt if phase.prompt_mode == "fixed" else None
+        substituted = []
         for k in range(self.max_retries):
             s = ds[index + k * len(ds)]
             if "skipped" not in s:
+                if substituted:  # what was skipped on the way (a worker process reports it with the sample)
+                    s["substituted"] = substituted
                 return s
+            substituted.append(s["skipped"])
         raise RuntimeError(f"training data: {self.max_retries} substitutes for sample {index} were all skipped "
                            f"({dict(ds.skipped)}); check the shards")
 
     @property
     def skipped(self):
         return self.dataset.skipped
+
+
+class StepSamples(torch.utils.data.Dataset):
+    """Global sample index i -> the sample, in the phase of the optimizer step it belongs to
+    (step i // batch_size): what a DataLoader's workers call."""
+
+    def __init__(self, dataset, cfg: TrainConfig):
+        self.dataset, self.cfg = dataset, cfg
+
+    def __len__(self) -> int:
+        return self.cfg.total_steps * self.cfg.batch_size
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset.sample(index, self.cfg.phase_at(index // self.cfg.batch_size))
+
+
+def micro_batch_indices(cfg: TrainConfig, start_step: int, total: int, rank: int, micro: int):
+    """The global sample indices of each micro-batch this process runs, steps start_step..total-1 in
+    order: step s, micro-batch m takes [s * batch + m * (batch / accum) + rank * micro, ... + micro)."""
+    for step in range(start_step, total):
+        for m in range(cfg.grad_accum):
+            first = step * cfg.batch_size + m * (cfg.batch_size // cfg.grad_accum) + rank * micro
+            yield list(range(first, first + micro))
+
+
+def micro_batches(dataset, cfg: TrainConfig, start_step: int, total: int, rank: int, micro: int):
+    """Iterator of (indices, samples) per micro-batch, in order. With ``cfg.num_workers`` > 0 a
+    DataLoader prepares them in worker processes, ahead of the step; each sample is a function of
+    its index alone, so the run is the same with any number of workers. Skips a worker met are
+    added to ``dataset.skipped`` here."""
+    batches = micro_batch_indices(cfg, start_step, total, rank, micro)
+    if not cfg.num_workers:
+        for indices in batches:
+            yield indices, [dataset.sample(i, cfg.phase_at(i // cfg.batch_size)) for i in indices]
+        return
+    batches = list(batches)
+    loader = torch.utils.data.DataLoader(StepSamples(dataset, cfg), batch_sampler=batches, num_workers=cfg.num_workers,
+                                         collate_fn=list, prefetch_factor=2)
+    for indices, samples in zip(batches, loader):
+        for s in samples:
+            for kind in s.pop("substituted", ()):
+                dataset.skipped[kind] += 1
+        yield indices, samples
 
 
 def build_dataset(cfg: TrainConfig) -> PhasedDataset:

@@ -42,7 +42,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
     max_steps stops after that many optimizer steps in total (for tests and staged runs);
     dataset overrides the data built from ``cfg`` (a map-style dataset of training samples).
     """
-    from idflux.train.data_pipeline import build_dataset, collate
+    from idflux.train.data_pipeline import build_dataset, collate, micro_batches
 
     rank, world = D.setup(cfg.device)
     device = torch.device(cfg.device if not cfg.device.startswith("cuda") else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
@@ -96,6 +96,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
     bar = tqdm(total=total, initial=step, desc="training", disable=rank != 0)
     log = _StepLog(log_path, bar, device) if rank == 0 else None
     last_ckpt = None
+    if cfg.num_workers < 0:
+        raise ValueError(f"num_workers (--workers) must be >= 0, got {cfg.num_workers}")
+    data = micro_batches(dataset, cfg, step, total, rank, micro)
     try:
         while step < total:
             phase = cfg.phase_at(step)
@@ -104,9 +107,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
             timer = _StepTimer(device)
             parts = {k: torch.zeros((), device=device) for k in ("diff", "id", "cl")}
             for m in range(cfg.grad_accum):
-                first = step * cfg.batch_size + m * (cfg.batch_size // cfg.grad_accum) + rank * micro
-                indices = list(range(first, first + micro))
-                batch = collate([dataset.sample(i, phase) for i in indices], device)
+                indices, samples = next(data)
+                batch = collate(samples, device)
                 last = m == cfg.grad_accum - 1
                 sync = ddp.no_sync() if (ddp is not None and not last) else contextlib.nullcontext()
                 with sync, torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -134,6 +136,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
             if D.active():
                 torch.distributed.barrier()
     finally:
+        data.close()  # stops the DataLoader's workers
         if log is not None:
             log.flush()  # a crash keeps the lines of the steps that finished
         bar.close()

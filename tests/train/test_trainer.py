@@ -108,6 +108,42 @@ def test_crash_between_checkpoints_then_resume_logs_each_step_once(tmp_path, dat
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (ra["step"], key)
 
 
+def test_dataloader_workers_give_the_same_run(tmp_path, data_root):
+    """Micro-batches prepared ahead by 2 worker processes: the same losses as in-process loading."""
+    a = train(small_cfg(tmp_path / "w0", data_root), max_steps=3)
+    b = train(small_cfg(tmp_path / "w2", data_root, num_workers=2), max_steps=3)
+    ra, rb = read_log(a["log"]), read_log(b["log"])
+    assert [r["step"] for r in rb] == [1, 2, 3]
+    for x, y in zip(ra, rb):
+        for key in ("loss", "diff", "id", "cl", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-8), (x["step"], key)
+
+
+def test_skips_met_in_worker_processes_are_counted():
+    from idflux.train.config import tiny
+    from idflux.train.data_pipeline import micro_batches
+
+    class Flaky:
+        """Every third index is skipped once (then a substitute loads), as PhasedDataset reports it."""
+
+        def __init__(self):
+            from collections import Counter
+
+            self.skipped = Counter()
+
+        def sample(self, i, phase):
+            s = {"index": i}
+            if i % 3 == 0:
+                s["substituted"] = ["bad_jpeg"]
+            return s
+
+    cfg = tiny(out="unused", batch_size=4, num_workers=2)
+    ds = Flaky()
+    got = [indices for indices, samples in micro_batches(ds, cfg, 1, 4, 0, 4)]
+    assert got == [list(range(4 * s, 4 * s + 4)) for s in (1, 2, 3)]
+    assert ds.skipped["bad_jpeg"] == len([i for i in range(4, 16) if i % 3 == 0])
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -200,3 +236,16 @@ def test_step_log_writes_each_line_one_step_late(tmp_path, device):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["loss"] for r in rows] == [6.0, 12.0, 18.0] and rows[2]["grad_norm"] == pytest.approx(3 ** 0.5)
     assert all(r["seconds"] >= 0 for r in rows)
+
+
+def test_train_cli_options_reach_the_config():
+    from idflux.cli import build_parser
+    from idflux.train.cli import config_from_args
+
+    args = build_parser().parse_args(["train", "--preset", "flux-dev", "--out", "x", "--workers", "0", "--batch-size", "8",
+                                      "--grad-accum", "2", "--ema", "0.99", "--seed", "3"])
+    cfg = config_from_args(args)
+    assert (cfg.preset, cfg.out, cfg.num_workers, cfg.batch_size, cfg.grad_accum, cfg.ema_decay, cfg.seed) == \
+        ("flux-dev", "x", 0, 8, 2, 0.99, 3)
+    assert config_from_args(build_parser().parse_args(["train", "--preset", "flux-dev"])).num_workers == 4
+    assert config_from_args(build_parser().parse_args(["train"])).num_workers == 0
