@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
@@ -97,7 +98,11 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
         d["phases"] = [Phase(**p) for p in d.get("phases", [])]
-        return cls(**d)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:  # a config saved by another version (e.g. the removed, never-read log_every)
+            warnings.warn(f"TrainConfig.from_dict: ignoring unknown fields {unknown}", stacklevel=2)
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def tiny(out: str = "runs/tiny", **overrides) -> TrainConfig:

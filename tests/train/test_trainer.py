@@ -249,3 +249,17 @@ def test_train_cli_options_reach_the_config():
         ("flux-dev", "x", 0, 8, 2, 0.99, 3)
     assert config_from_args(build_parser().parse_args(["train", "--preset", "flux-dev"])).num_workers == 4
     assert config_from_args(build_parser().parse_args(["train"])).num_workers == 0
+
+
+def test_config_round_trip_and_fields_of_another_version():
+    import warnings
+
+    from idflux.train.config import TrainConfig
+
+    cfg = tiny(out="x", num_workers=2)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    old = {**cfg.to_dict(), "log_every": 1}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert TrainConfig.from_dict(old) == cfg
+    assert any("log_every" in str(w.message) for w in caught)
