@@ -8,6 +8,10 @@ vectors) and ``cp.async`` (asynchronous copies to shared memory, pipelined) are 
 bandwidth-bound kernel wants; scalar ``ld.global.b16`` on bf16 rows means a feature mask the
 compiler could not fold (a head dim passed at run time instead of as a constant).
 
+``--regs`` also assembles each kernel with the ptxas Triton ships (``ptxas -v``) and reports its
+registers per thread, spill bytes and shared memory: spills on a hot loop are what a kernel change
+must not add, and they are visible here without a GPU.
+
 Must run with TRITON_INTERPRET=0 (the interpreter replaces the compiler).
 """
 
@@ -25,8 +29,9 @@ def region_attention_signature(fn, dtype: str, head_dim: int, *, atomic: bool = 
     """(signature, constexprs, attrs) of a region_attention kernel as a launch specialises it."""
     sig, const, attrs = {}, {}, {}
     block_d = max(16, 1 << (head_dim - 1).bit_length())
-    values = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, HEAD_D=head_dim, IEEE=dtype == "fp32", ATOMIC_DKDV=atomic,
-                  ADD_OUT=atomic)
+    ieee = dtype == "fp32"
+    values = dict(BLOCK_M=64, BLOCK_N=16 if ieee else 64, BLOCK_D=block_d, HEAD_D=head_dim, IEEE=ieee, ATOMIC_DKDV=atomic,
+                  ADD_OUT=atomic)  # the SigLIP branch's launch (region_attention._block_n)
     for i, name in enumerate(inspect.signature(fn.fn).parameters):
         if name in values:
             sig[name], const[name] = "constexpr", values[name]
@@ -62,6 +67,41 @@ def compile_ptx(fn, sig: dict, const: dict, attrs: dict, *, arch: int = 90, num_
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}).asm["ptx"]
 
 
+def _ptxas(arch: int) -> str:
+    """The ptxas this triton's NVIDIA backend uses for ``arch`` (its choice differs across versions)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(arch).path
+
+
+_USAGE = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "smem": re.compile(r"(\d+) bytes smem"),
+}
+
+
+def resource_usage(ptx: str) -> dict[str, int]:
+    """Registers per thread, spill store/load bytes and static shared memory of ``ptx``'s kernel, from
+    ``ptxas -v`` for the PTX's own target."""
+    import subprocess
+    import tempfile
+
+    target = re.search(r"^\.target\s+(\w+)", ptx, re.M)
+    if target is None:
+        raise ValueError("resource_usage: no .target line in the PTX")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = f"{tmp}/k.ptx"
+        with open(src, "w") as f:
+            f.write(ptx)
+        arch = int(re.sub(r"\D", "", target.group(1)))
+        proc = subprocess.run([_ptxas(arch), f"-arch={target.group(1)}", "-v", src, "-o", f"{tmp}/k.cubin"],
+                              capture_output=True, text=True, check=True)
+    out = proc.stderr + proc.stdout
+    return {k: int(m.group(1)) if (m := rx.search(out)) else 0 for k, rx in _USAGE.items()}
+
+
 def memory_ops(ptx: str) -> dict[str, int]:
     """Count of each global load/store/atomic/async-copy instruction form in ``ptx``."""
     return dict(collections.Counter(_MEM_OP.findall(ptx)))
@@ -90,7 +130,7 @@ def generic_signature(fn, pointers: dict[str, str], constexprs: dict, floats: tu
     return sig, const, attrs
 
 
-def cosine_infonce_report(dtype: str = "bf16", arch: int = 90) -> dict[str, dict[str, int]]:
+def cosine_infonce_ptx(dtype: str = "bf16", arch: int = 90) -> dict[str, str]:
     import importlib
 
     C = importlib.import_module("idflux.kernels.cosine_infonce")  # the module (the package exports the function)
@@ -114,11 +154,11 @@ def cosine_infonce_report(dtype: str = "bf16", arch: int = 90) -> dict[str, dict
     out = {}
     for name, (fn, constexprs, warps) in cases.items():
         sig = generic_signature(fn, {**inputs, **ints, **grads}, constexprs, floats, unit + ("stride_im",))
-        out[name] = memory_ops(compile_ptx(fn, *sig, arch=arch, num_warps=warps))
+        out[name] = compile_ptx(fn, *sig, arch=arch, num_warps=warps)
     return out
 
 
-def face_warp_report(dtype: str = "bf16", arch: int = 90) -> dict[str, dict[str, int]]:
+def face_warp_ptx(dtype: str = "bf16", arch: int = 90) -> dict[str, str]:
     import importlib
 
     fw = importlib.import_module("idflux.kernels.face_warp")  # the module (the package exports the function)
@@ -137,23 +177,40 @@ def face_warp_report(dtype: str = "bf16", arch: int = 90) -> dict[str, dict[str,
         "_face_warp_fwd_kernel": (fw._face_warp_fwd_kernel, {}, dict(BICUBIC=True, BLOCK=128)),
         "_face_warp_bwd_kernel": (fw._face_warp_bwd_kernel, {}, dict(BICUBIC=True, BLOCK=128)),
         "_face_warp_bwd_gather_kernel": (fw._face_warp_bwd_gather_kernel, {"gimg_ptr": f"*{dtype}"},
-                                         dict(BICUBIC=True, TILE_H=16, TILE_W=64, BLOCK_C=4)),
+                                         dict(BICUBIC=True, TILE_H=fw._TILE_H, TILE_W=fw._TILE_W, BLOCK_C=4)),
     }
+    warps = {"_face_warp_bwd_gather_kernel": fw._GATHER_WARPS}
     out = {}
     for name, (fn, extra, constexprs) in cases.items():
         sig = generic_signature(fn, {**images, **ints, **extra}, constexprs, floats)
-        out[name] = memory_ops(compile_ptx(fn, *sig, arch=arch))
+        out[name] = compile_ptx(fn, *sig, arch=arch, num_warps=warps.get(name, 4))
     return out
 
 
-def region_attention_report(dtype: str = "bf16", head_dim: int = 64, arch: int = 90) -> dict[str, dict[str, int]]:
+def region_attention_ptx(dtype: str = "bf16", head_dim: int = 64, arch: int = 90) -> dict[str, str]:
     from idflux.kernels import _region_attention_triton as K
 
     out = {}
     for name in ("_region_attention_fwd", "_region_attention_bwd", "_region_attention_bwd_dkdv"):
         fn = getattr(K, name)
-        out[name] = memory_ops(compile_ptx(fn, *region_attention_signature(fn, dtype, head_dim), arch=arch))
+        out[name] = compile_ptx(fn, *region_attention_signature(fn, dtype, head_dim), arch=arch,
+                                num_warps=8 if dtype == "fp32" else 4)  # region_attention._num_warps
     return out
+
+
+def region_attention_report(dtype: str = "bf16", head_dim: int = 64, arch: int = 90) -> dict[str, dict[str, int]]:
+    """Global memory instruction counts of each region_attention kernel."""
+    return {k: memory_ops(v) for k, v in region_attention_ptx(dtype, head_dim, arch).items()}
+
+
+def cosine_infonce_report(dtype: str = "bf16", arch: int = 90) -> dict[str, dict[str, int]]:
+    """Global memory instruction counts of each cosine_infonce kernel variant."""
+    return {k: memory_ops(v) for k, v in cosine_infonce_ptx(dtype, arch).items()}
+
+
+def face_warp_report(dtype: str = "bf16", arch: int = 90) -> dict[str, dict[str, int]]:
+    """Global memory instruction counts of each face_warp kernel variant."""
+    return {k: memory_ops(v) for k, v in face_warp_ptx(dtype, arch).items()}
 
 
 def main(argv=None) -> int:
@@ -162,17 +219,22 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--arch", type=int, default=90, help="SM version, e.g. 80 (A100), 90 (H100/H200)")
     p.add_argument("--op", default="all", choices=("all", "region_attention", "cosine_infonce", "face_warp"))
+    p.add_argument("--regs", action="store_true", help="also report registers, spills and shared memory (ptxas -v)")
     args = p.parse_args(argv)
-    reports = []
+    kernels = {}
     if args.op in ("all", "region_attention"):
-        reports.append(region_attention_report(args.dtype, args.head_dim, args.arch))
+        kernels.update(region_attention_ptx(args.dtype, args.head_dim, args.arch))
     if args.op in ("all", "cosine_infonce"):
-        reports.append(cosine_infonce_report(args.dtype, args.arch))
+        kernels.update(cosine_infonce_ptx(args.dtype, args.arch))
     if args.op in ("all", "face_warp"):
-        reports.append(face_warp_report(args.dtype, args.arch))
-    for report in reports:
-        for name, ops in report.items():
-            print(f"{name:<34} " + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
+        kernels.update(face_warp_ptx(args.dtype, args.arch))
+    for name, ptx in kernels.items():
+        line = f"{name:<36} " + ", ".join(f"{k} x{v}" for k, v in sorted(memory_ops(ptx).items()))
+        if args.regs:
+            u = resource_usage(ptx)
+            line += (f"\n{'':<36} {u['registers']} registers, spills {u['spill_stores']}/{u['spill_loads']} B"
+                     f" (store/load), {u['smem']} B static smem")
+        print(line)
     return 0
 
 

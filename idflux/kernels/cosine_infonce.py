@@ -67,28 +67,37 @@ def _cosine_infonce_fwd_kernel(
     m_i = -1.0e30  # finite "no candidate yet" max: exp(-1e30 - m) is exactly 0, never NaN
     l_i = 0.0
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # Software-pipelined gather: while tile t is reduced, the rows of tile t + 1 and the indices of
+    # tile t + 2 are already in flight (a gather is two dependent loads: index, then row).
     start = split * TILES_PER_SPLIT * BLOCK_M
+    end = start + TILES_PER_SPLIT * BLOCK_M
+    lanes = tl.arange(0, BLOCK_M)
+    j_nx = start + lanes
     if HAS_INDEX:
-        # The indices of the next tile are loaded while this tile's rows are read, so the two
-        # dependent loads of a gather (index, then row) overlap across iterations.
-        j0 = start + tl.arange(0, BLOCK_M)
-        brow_next = tl.load(idx_ptr + row * stride_in + j0.to(tl.int64) * stride_im, mask=j0 < M, other=0)
+        b_nx = tl.load(idx_ptr + row * stride_in + j_nx.to(tl.int64) * stride_im, mask=j_nx < M, other=0).to(tl.int64)
+        ok_nx = (j_nx < M) & (b_nx >= 0) & (b_nx < K)  # an index outside [0, K) is excluded, never read
+        j_nn = j_nx + BLOCK_M
+        b_nn = tl.load(idx_ptr + row * stride_in + j_nn.to(tl.int64) * stride_im, mask=(j_nn < M) & (j_nn < end), other=0)
+    else:
+        b_nx = j_nx.to(tl.int64)
+        ok_nx = j_nx < M
+    x_nx = tl.load(bank_ptr + b_nx[:, None] * stride_bk + d[None, :] * stride_bd,
+                   mask=ok_nx[:, None] & dmask[None, :], other=0.0)
     for t in range(0, TILES_PER_SPLIT):
-        j = start + t * BLOCK_M + tl.arange(0, BLOCK_M)
-        in_bank = j < M
-        keep = j < C
+        j = start + t * BLOCK_M + lanes
+        brow, in_bank, x = b_nx, ok_nx, x_nx.to(tl.float32)
+        jn = j + BLOCK_M
         if HAS_INDEX:
-            brow = brow_next.to(tl.int64)
-            jn = j + BLOCK_M
-            brow_next = tl.load(idx_ptr + row * stride_in + jn.to(tl.int64) * stride_im,
-                                mask=(jn < M) & (jn < start + TILES_PER_SPLIT * BLOCK_M), other=0)
-            in_range = (brow >= 0) & (brow < K)
-            keep = keep & ((j >= M) | in_range)
-            in_bank = in_bank & in_range
+            b_nx = b_nn.to(tl.int64)
+            ok_nx = (jn < M) & (jn < end) & (b_nx >= 0) & (b_nx < K)
+            j_nn = jn + BLOCK_M
+            b_nn = tl.load(idx_ptr + row * stride_in + j_nn.to(tl.int64) * stride_im, mask=(j_nn < M) & (j_nn < end), other=0)
         else:
-            brow = j.to(tl.int64)
-        x = tl.load(bank_ptr + brow[:, None] * stride_bk + d[None, :] * stride_bd,
-                    mask=in_bank[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            b_nx = jn.to(tl.int64)
+            ok_nx = (jn < M) & (jn < end)
+        x_nx = tl.load(bank_ptr + b_nx[:, None] * stride_bk + d[None, :] * stride_bd,
+                       mask=ok_nx[:, None] & dmask[None, :], other=0.0)
+        keep = (j < C) & ((j >= M) | in_bank)
         if HAS_NEG_IDS:
             nid = tl.load(nid_ptr + brow * stride_nid, mask=in_bank, other=0).to(tl.int64)
             keep = keep & ((j >= M) | (nid != my_id))

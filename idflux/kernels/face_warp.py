@@ -416,6 +416,9 @@ def _prepare_triton(landmarks, image_index, n_images, size, transform, bicubic, 
 BWD = "auto"
 _GATHER_MAX_WINDOW = 64
 _TILE_H, _TILE_W = (16, 32) if INTERPRET else (16, 64)
+# 8 warps for a 16 x 64 tile: with 4, ptxas spills 200-430 bytes per thread on sm_90
+# (``python -m idflux.bench_perf.ptx --regs``); with 8 it needs 184-239 registers and no spills.
+_GATHER_WARPS = 8
 
 
 def _window_half_widths(matrices: torch.Tensor, bicubic: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -467,7 +470,7 @@ def _backward_gather(grad_out, table, image_index, shape, dtype, bicubic, out_sc
         grad_out, table, order, start, grad,
         *grad_out.stride(),
         C, H, W, size, tiles_x, tiles_x * tiles_y, out_scale,
-        BICUBIC=bicubic, TILE_H=_TILE_H, TILE_W=_TILE_W, BLOCK_C=max(2, triton.next_power_of_2(C)), num_warps=4,
+        BICUBIC=bicubic, TILE_H=_TILE_H, TILE_W=_TILE_W, BLOCK_C=max(2, triton.next_power_of_2(C)), num_warps=_GATHER_WARPS,
     )
     return grad
 

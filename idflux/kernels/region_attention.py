@@ -184,9 +184,19 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _block_n(n_kv: int, n_refs: int) -> int:
+def _block_n(n_kv: int, n_refs: int, ieee: bool = False) -> int:
+    """Key block: one reference's span rounded up to a power of 2, within 16..64. fp32 inputs (IEEE
+    dots, on FMA units with their operands in registers) take 16 and 8 warps (``_num_warps``):
+    with 64-key blocks and 4 warps ptxas spills 1.7-29 KB per thread on sm_90 (triton 3.6; see
+    ``python -m idflux.bench_perf.ptx --regs --dtype fp32``), with these 0-0.7 KB."""
+    if ieee:
+        return 16
     span = max(1, -(-n_kv // max(n_refs, 1)))
     return min(64, max(16, triton_next_pow2(span)))
+
+
+def _num_warps(ieee: bool) -> int:
+    return 8 if ieee else 4
 
 
 def triton_next_pow2(n: int) -> int:
@@ -376,6 +386,7 @@ def _fwd_impl(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_coun
         return torch.zeros_like(q), _lse_like(q, float("inf"))
     out = torch.empty_like(q)  # the plan's tiles cover every row: zero tiles write the rows in no box
     lse = _lse_like(q, None)
+    ieee = q.dtype == torch.float32
     qs, ms = _geometry(q, membership)
     os_, _ = _geometry(out, membership)
     kern._region_attention_fwd[(tiles.shape[0], H)](
@@ -383,8 +394,8 @@ def _fwd_impl(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_coun
         *qs, *k.stride()[:3], *v.stride()[:3], *os_,
         *_lse_strides(lse), *ms, ref_offsets.stride(0),
         R, scale * kern.LOG2E,
-        BLOCK_M=_BLOCK_M, BLOCK_N=_block_n(k.shape[2], R), BLOCK_D=max(16, triton_next_pow2(D)), HEAD_D=D,
-        IEEE=q.dtype == torch.float32, num_warps=4,
+        BLOCK_M=_BLOCK_M, BLOCK_N=_block_n(k.shape[2], R, ieee), BLOCK_D=max(16, triton_next_pow2(D)), HEAD_D=D,
+        IEEE=ieee, num_warps=_num_warps(ieee),
     )
     return out, lse
 
@@ -401,7 +412,8 @@ def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_t
     B, Nkv = k.shape[0], k.shape[2]
     R = ref_offsets.shape[1] - 1
     atomic = BWD_DKDV == "atomic"
-    block_n = _block_n(Nkv, R)
+    ieee = q.dtype == torch.float32
+    block_n = _block_n(Nkv, R, ieee)
     nb, split = _dkdv_grid(B, R, H, Nkv, block_n, hint, k.device)
     dq = torch.empty_like(q)  # every row written by the dq kernel (zero tiles: zeros)
     accumulate = atomic or split > 1
@@ -419,7 +431,7 @@ def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_t
     os_, ds_, gs = (_geometry(t, membership)[0] for t in (out, do, dq))
     ls = _lse_strides(lse)
     common = dict(BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_D=max(16, triton_next_pow2(D)), HEAD_D=D,
-                  IEEE=q.dtype == torch.float32, num_warps=4)
+                  IEEE=ieee, num_warps=_num_warps(ieee))
     kern._region_attention_bwd[(tiles.shape[0], H)](
         q, k, v, out, do, dq, dk, dv, lse, delta, membership, ref_offsets, tiles, rows,
         *qs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
