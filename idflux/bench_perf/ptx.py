@@ -139,10 +139,12 @@ def cosine_infonce_ptx(dtype: str = "bf16", arch: int = 90) -> dict[str, str]:
     flags = dict(IN_BATCH=True, HAS_IDS=True, HAS_NEG_IDS=True)
     unit = ("stride_gd", "stride_pd", "stride_bd")
     floats = ("inv_tau", "eps")
+    shared_m, shared_warps = C._shared_tile(512, dtype == "fp32")  # the launch's tile at D = 512
     cases = {
         "_cosine_infonce_fwd_kernel": (C._cosine_infonce_fwd_kernel, dict(HAS_INDEX=True, BLOCK_M=16, BLOCK_D=512, **flags), 4),
         "_cosine_infonce_shared_fwd_kernel": (C._cosine_infonce_shared_fwd_kernel,
-                                              dict(BLOCK_R=16, BLOCK_M=32, BLOCK_D=512, IEEE=dtype == "fp32", **flags), 8),
+                                              dict(BLOCK_R=16, BLOCK_M=shared_m, BLOCK_D=512, IEEE=dtype == "fp32", **flags),
+                                              shared_warps),
         "_cosine_infonce_merge_kernel": (C._cosine_infonce_merge_kernel, dict(BLOCK_S=16, BLOCK_D=512), 4),
         "_cosine_infonce_bwd_kernel": (C._cosine_infonce_bwd_kernel,
                                        dict(NEED_G=True, NEED_POS=True, IN_BATCH=True, BLOCK_N=16, BLOCK_D=512), 4),

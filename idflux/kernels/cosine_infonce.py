@@ -301,18 +301,32 @@ SHARED_TILE_MIN_ROWS = 16
 _SHARED_ROWS = 16
 
 
-def _launch_config(N: int, C: int, D: int, device: torch.device, tiled: bool = False) -> tuple[int, int, int, int, int]:
+def _shared_tile(block_d: int, ieee: bool) -> tuple[int, int]:
+    """(BLOCK_M, num_warps) of the row-tiled shared-bank kernel: the largest bank tile ptxas fits
+    without spills on sm_90 (triton 3.6, all flags on; ``python -m idflux.bench_perf.ptx --regs``).
+    fp32 inputs take IEEE dots on FMA units, whose operands live in registers: smaller tiles."""
+    if ieee:
+        return (32, 8) if block_d <= 64 else (16, 8) if block_d <= 128 else (32, 8) if block_d <= 256 else (16, 8)
+    # (bf16/fp16 at D >= 1024 spill a little whatever the tile: 16 x 8 warps spills least)
+    return (64, 4) if block_d <= 128 else (64, 8) if block_d <= 256 else (32, 8) if block_d <= 512 else (16, 8)
+
+
+def _launch_config(N: int, C: int, D: int, device: torch.device, tiled: bool = False,
+                   ieee: bool = False) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_D, tiles_per_split, splits, num_warps) for N rows of C candidates of dim D
-    (``tiled``: the row-tiled shared-bank kernel, _SHARED_ROWS rows per program)."""
+    (``tiled``: the row-tiled shared-bank kernel, _SHARED_ROWS rows per program; ``ieee``: fp32
+    inputs)."""
     BLOCK_D = max(16, triton.next_power_of_2(D))
     if _backend.INTERPRET:
         # The interpreter pays per program and per op, not per element: big tiles, few programs
         # (still several splits per row for small N, so the merge is exercised).
         BLOCK_M, target_programs, num_warps = 64, 16, 4
     else:
-        BLOCK_M = max(16, min(64, 16384 // BLOCK_D)) if tiled else max(8, min(128, 8192 // BLOCK_D))
+        if tiled:
+            BLOCK_M, num_warps = _shared_tile(BLOCK_D, ieee)
+        else:
+            BLOCK_M, num_warps = max(8, min(128, 8192 // BLOCK_D)), 8 if BLOCK_D >= 1024 else 4
         target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        num_warps = 8 if BLOCK_D >= 1024 or (tiled and BLOCK_D >= 512) else 4
     n_tiles = triton.cdiv(C, BLOCK_M)
     row_programs = triton.cdiv(N, _SHARED_ROWS) if tiled else N
     splits = max(1, min(triton.cdiv(target_programs, row_programs), n_tiles))
@@ -328,7 +342,8 @@ def _cosine_infonce_triton(g, pos, negatives, neg_index, ids, neg_ids, tau, in_b
     C = M + (N if in_batch else 0)
     dev = g.device
     tiled = neg_index is None and N >= SHARED_TILE_MIN_ROWS
-    BLOCK_M, BLOCK_D, tiles_per_split, splits, num_warps = _launch_config(N, C, D, dev, tiled=tiled)
+    BLOCK_M, BLOCK_D, tiles_per_split, splits, num_warps = _launch_config(N, C, D, dev, tiled=tiled,
+                                                                          ieee=g.dtype == torch.float32)
     f32 = dict(device=dev, dtype=torch.float32)
     part_m = torch.empty(N, splits, **f32)
     part_l = torch.empty(N, splits, **f32)
