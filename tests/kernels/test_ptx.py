@@ -69,3 +69,21 @@ def test_cosine_infonce_and_face_warp_kernels_compile_for_sm90():
     assert any(".v4." in k for k in report["_face_warp_bwd_gather_kernel"]), "the gather backward stores 16-byte vectors"
     assert not any(k.startswith(("atom.", "red.")) for k in report["_face_warp_bwd_gather_kernel"]), "no atomics in the gather"
     assert any(k.startswith("cp.async") for k in report["_cosine_infonce_shared_fwd_kernel"]), "bank tiles copied asynchronously"
+
+
+USAGE = """
+import json
+from idflux.bench_perf.ptx import cosine_infonce_ptx, resource_usage
+ptx = cosine_infonce_ptx("bf16", 90)
+print(json.dumps({k: resource_usage(v) for k, v in ptx.items() if "merge" in k or "bwd" in k}))
+"""
+
+
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="CUDA present (kernels run for real) or triton has no NVIDIA backend")
+def test_ptxas_reports_registers_and_spills():
+    report = _compile_report(USAGE)
+    assert set(report) == {"_cosine_infonce_merge_kernel", "_cosine_infonce_bwd_kernel", "_cosine_infonce_bwd_kernel[ones]"}
+    for name, usage in report.items():
+        assert set(usage) == {"registers", "spill_stores", "spill_loads", "smem"}
+        assert 16 <= usage["registers"] <= 255, (name, usage)
+        assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, f"{name} spills: {usage}"
