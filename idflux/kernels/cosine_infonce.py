@@ -335,8 +335,19 @@ def _launch_config(N: int, C: int, D: int, device: torch.device, tiled: bool = F
     return BLOCK_M, BLOCK_D, tiles_per_split, splits, num_warps
 
 
+def _workspace(device: torch.device, sizes: tuple[int, ...]) -> list[torch.Tensor]:
+    """Flat fp32 views of the given sizes into one allocation, each starting 16-byte aligned (the
+    alignment a Triton launch specialises pointers on)."""
+    chunks = []
+    for n in sizes:
+        chunks += [n, -n % 4]
+    pieces = torch.empty(sum(chunks), device=device, dtype=torch.float32).split(chunks)
+    return list(pieces[0::2])
+
+
 def _cosine_infonce_triton(g, pos, negatives, neg_index, ids, neg_ids, tau, in_batch):
-    """Launch both kernels. Returns (loss (N,), lse (N,), p_pos (N,), u (N, D), dg (N, D), s_ib (N, N) | None)."""
+    """Launch both kernels. Returns (loss (N,), lse (N,), p_pos (N,), u, dg, s_ib | None), fp32; u and dg
+    are (N, D) and s_ib (N, N), row-major, as flat views."""
     N, D = g.shape
     M = neg_index.shape[1] if neg_index is not None else negatives.shape[0]
     C = M + (N if in_batch else 0)
@@ -344,11 +355,13 @@ def _cosine_infonce_triton(g, pos, negatives, neg_index, ids, neg_ids, tau, in_b
     tiled = neg_index is None and N >= SHARED_TILE_MIN_ROWS
     BLOCK_M, BLOCK_D, tiles_per_split, splits, num_warps = _launch_config(N, C, D, dev, tiled=tiled,
                                                                           ieee=g.dtype == torch.float32)
-    f32 = dict(device=dev, dtype=torch.float32)
-    part_m = torch.empty(N, splits, **f32)
-    part_l = torch.empty(N, splits, **f32)
-    part_acc = torch.empty(N, splits, D, **f32)
-    s_ib = torch.empty(N, N, **f32) if in_batch else part_m  # every (n, m) entry is written
+    # The call's buffers are pieces of two allocations (two host-side ops instead of nine): the
+    # partials, freed after the forward, and what the backward keeps. The kernels index them as
+    # contiguous rows.
+    part_m, part_l, part_acc = _workspace(dev, (N * splits, N * splits, N * splits * D))
+    loss, lse, p_pos, u, dg, s_ib = _workspace(dev, (N, N, N, N * D, N * D, N * N if in_batch else 0))
+    if not in_batch:
+        s_ib = part_m  # an unused pointer
     idx = neg_index if neg_index is not None else g  # unused pointer when the flag is off
     ids_t = ids if ids is not None else g
     nid_t = neg_ids if neg_ids is not None else g
@@ -373,11 +386,6 @@ def _cosine_infonce_triton(g, pos, negatives, neg_index, ids, neg_ids, tau, in_b
             HAS_INDEX=neg_index is not None, IN_BATCH=in_batch, HAS_IDS=ids is not None,
             HAS_NEG_IDS=neg_ids is not None, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, num_warps=num_warps,
         )
-    loss = torch.empty(N, **f32)
-    lse = torch.empty(N, **f32)
-    p_pos = torch.empty(N, **f32)
-    u = torch.empty(N, D, **f32)
-    dg = torch.empty(N, D, **f32)
     _cosine_infonce_merge_kernel[(N,)](
         g, pos, part_m, part_l, part_acc,
         loss, lse, p_pos, u, dg,
@@ -407,7 +415,7 @@ class CosineInfoNCEFunction(torch.autograd.Function):
         need_g, need_pos = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_g or need_pos):
             return (None,) * 8
-        N, D = u.shape
+        N, D = pos.shape
         grad_g = torch.empty(N, D, device=u.device, dtype=ctx.g_dtype) if need_g else None
         grad_pos = torch.empty(N, D, device=u.device, dtype=pos.dtype) if need_pos else None
         with torch.cuda.device(u.device) if u.device.type == "cuda" else contextlib.nullcontext():
