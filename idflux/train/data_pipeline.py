@@ -7,6 +7,7 @@ first k that loads, so the substitute is deterministic and the same whatever the
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,6 +45,13 @@ class PhasedDataset:
     def skipped(self):
         return self.dataset.skipped
 
+    @property
+    def worker_safe(self) -> bool:
+        """Whether DataLoader workers may prepare samples: not while landmarks come from a face
+        detector on the fly (its onnxruntime session, possibly on the GPU, does not survive a
+        fork, and its cache would be per worker)."""
+        return getattr(self.dataset, "landmark_fn", None) is None
+
 
 class StepSamples(torch.utils.data.Dataset):
     """Global sample index i -> the sample, in the phase of the optimizer step it belongs to
@@ -74,12 +82,17 @@ def micro_batches(dataset, cfg: TrainConfig, start_step: int, total: int, rank: 
     its index alone, so the run is the same with any number of workers. Skips a worker met are
     added to ``dataset.skipped`` here."""
     batches = micro_batch_indices(cfg, start_step, total, rank, micro)
-    if not cfg.num_workers:
+    workers = cfg.num_workers
+    if workers and not getattr(dataset, "worker_safe", True):
+        warnings.warn(f"training data: landmarks are detected on the fly, which stays in the training process; "
+                      f"num_workers={workers} ignored (store landmarks in the shards to load in workers)", stacklevel=2)
+        workers = 0
+    if not workers:
         for indices in batches:
             yield indices, [dataset.sample(i, cfg.phase_at(i // cfg.batch_size)) for i in indices]
         return
     batches = list(batches)
-    loader = torch.utils.data.DataLoader(StepSamples(dataset, cfg), batch_sampler=batches, num_workers=cfg.num_workers,
+    loader = torch.utils.data.DataLoader(StepSamples(dataset, cfg), batch_sampler=batches, num_workers=workers,
                                          collate_fn=list, prefetch_factor=2)
     for indices, samples in zip(batches, loader):
         for s in samples:

@@ -238,6 +238,19 @@ def test_step_log_writes_each_line_one_step_late(tmp_path, device):
     assert all(r["seconds"] >= 0 for r in rows)
 
 
+def test_workers_stay_off_while_landmarks_are_detected_on_the_fly(data_root):
+    from idflux.train.config import tiny
+    from idflux.train.data import MultiIDDataset
+    from idflux.train.data_pipeline import PhasedDataset, micro_batches
+
+    ds = PhasedDataset(MultiIDDataset(data_root, size=64, ref_size=32, landmark_fn=lambda image: None), "{people}")
+    assert not ds.worker_safe
+    cfg = tiny(out="unused", batch_size=2, num_workers=2)
+    with pytest.warns(UserWarning, match="num_workers=2 ignored"):
+        (indices, samples), = micro_batches(ds, cfg, 0, 1, 0, 2)
+    assert indices == [0, 1] and len(samples) == 2
+
+
 def test_train_cli_options_reach_the_config():
     from idflux.cli import build_parser
     from idflux.train.cli import config_from_args
