@@ -20,6 +20,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: launch configs ask on every call)."""
+    n = _SM_COUNT.get(device.index)  # tensors' devices carry their index
+    if n is None:
+        n = _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
 def triton_usable(device: torch.device) -> bool:
     """Whether a Triton kernel can run on tensors of ``device`` in this process."""
     if not HAS_TRITON:

@@ -326,7 +326,7 @@ def _launch_config(N: int, C: int, D: int, device: torch.device, tiled: bool = F
             BLOCK_M, num_warps = _shared_tile(BLOCK_D, ieee)
         else:
             BLOCK_M, num_warps = max(8, min(128, 8192 // BLOCK_D)), 8 if BLOCK_D >= 1024 else 4
-        target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        target_programs = 4 * _backend.sm_count(device)
     n_tiles = triton.cdiv(C, BLOCK_M)
     row_programs = triton.cdiv(N, _SHARED_ROWS) if tiled else N
     splits = max(1, min(triton.cdiv(target_programs, row_programs), n_tiles))

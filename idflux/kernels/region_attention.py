@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from idflux.kernels import _backend
 from idflux.kernels._backend import HAS_TRITON, resolve_backend
 from idflux.kernels.region_attention_ref import (dense_token_groups, region_attention_packed_ref, region_attention_ref,
                                                  token_groups)
@@ -334,7 +335,7 @@ def _dkdv_grid(B, R, H, Nkv, block_n, hint, device):
         return nb, DKDV_SPLIT
     if device.type != "cuda":
         return nb, 1
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 2 * _backend.sm_count(device)
     split = -(-target // max(1, B * R * nb * H))
     return nb, max(1, min(split, 16, max_tiles // 2))
 
@@ -428,22 +429,23 @@ def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_t
         return dq.zero_(), dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
     delta = torch.empty_like(lse)  # written by the dq kernel for every planned row, read by dk/dv
     qs, ms = _geometry(q, membership)
+    ks, vs, dks = k.stride()[:3], v.stride()[:3], dk.stride()[:3]
     os_, ds_, gs = (_geometry(t, membership)[0] for t in (out, do, dq))
     ls = _lse_strides(lse)
     common = dict(BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_D=max(16, triton_next_pow2(D)), HEAD_D=D,
                   IEEE=ieee, num_warps=_num_warps(ieee))
     kern._region_attention_bwd[(tiles.shape[0], H)](
         q, k, v, out, do, dq, dk, dv, lse, delta, membership, ref_offsets, tiles, rows,
-        *qs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        *os_, *ds_, *gs, dk.stride(0), dk.stride(1), dk.stride(2),
+        *qs, *ks, *vs,
+        *os_, *ds_, *gs, *dks,
         *ls, *ms, ref_offsets.stride(0),
         R, scale * kern.LOG2E, scale, ATOMIC_DKDV=atomic, **common,
     )
     if not atomic and R:
         kern._region_attention_bwd_dkdv[(B * R * nb * split, H)](
             q, k, v, do, dk, dv, lse, delta, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts,
-            *qs, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            *ds_, dk.stride(0), dk.stride(1), dk.stride(2),
+            *qs, *ks, *vs,
+            *ds_, *dks,
             *ls, *ms, ref_offsets.stride(0), ref_tiles.stride(0),
             R, nb, split, scale * kern.LOG2E, scale, ADD_OUT=split > 1, **common,
         )

@@ -630,7 +630,10 @@ def test_dkdv_grid_sizes_from_the_layout_hint(monkeypatch):
     class Props:
         multi_processor_count = 132
 
+    from idflux.kernels import _backend
+
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    monkeypatch.setattr(_backend, "_SM_COUNT", {})  # the SM count is cached per device
     cuda = torch.device("cuda")
     assert ra._dkdv_grid(1, 4, 24, 1056, 64, (6, 264), cuda) == (5, 1), "480 programs fill 132 SMs twice"
     assert ra._dkdv_grid(1, 4, 24, 32, 16, (6, 8), cuda) == (1, 3), "ArcFace branch: 96 programs -> split 3"
