@@ -75,3 +75,26 @@ def test_face_warp_two_launch_forward_one_launch_backward():
     # + the image gradient, and each image's faces by one sort and one searchsorted
     assert host_ops(lambda: fn().backward(grad)) == C({"empty": 5, "new_empty": 1, **kernels, "sort": 1, "arange": 1,
                                                        "searchsorted": 1, "triton:_face_warp_bwd_gather_kernel": 1})
+
+
+def test_adapter_block_both_branches_fourteen_host_ops():
+    """One block of the identity adapter at generation time (K/V prepared once): the in-box rows
+    out, per branch norm + to_q + region attention, the SigLIP to_out folded into one addmm, the
+    residual back in with index_add."""
+    from idflux.engine.adapter import IdentityAdapter, RegionLayout, tiny_adapter
+    from idflux.engine.regions import boxes_to_membership
+
+    gen = torch.Generator().manual_seed(0)
+    cfg = tiny_adapter()
+    adapter = IdentityAdapter(cfg).eval()
+    membership = boxes_to_membership([[(0, 0, 40, 40), (20, 10, 64, 50)]], 64, 64)
+    layout = RegionLayout.from_membership(membership, 2)
+    img = torch.randn(1, membership.shape[1], cfg.hidden, generator=gen)
+    arc = torch.randn(1, 2, cfg.arc_dim, generator=gen)
+    sig = torch.randn(1, 2, cfg.siglip_tokens, cfg.siglip_dim, generator=gen)
+    with torch.no_grad():
+        ctx = adapter.prepare(arc, sig, layout, backend="triton")
+        adapter.apply(0, img, ctx)  # the layout's first call
+        ops = host_ops(lambda: adapter.apply(0, img, ctx))
+    assert ops == C({"index_select": 1, "native_layer_norm": 2, "mm": 3, "addmm": 1, "index_add": 1,
+                     "empty_like": 2, "empty": 2, "triton:_region_attention_fwd": 2})
