@@ -14,7 +14,7 @@ import torch
 
 from idflux.train.config import Phase, TrainConfig
 from idflux.train.data import MultiIDDataset
-from idflux.train.model import TrainBatch
+from idflux.train.model import TrainBatch, to_device
 
 
 class PhasedDataset:
@@ -125,15 +125,16 @@ def build_dataset(cfg: TrainConfig) -> PhasedDataset:
 
 
 def collate(samples: list[dict], device) -> TrainBatch:
-    """Samples -> one TrainBatch on ``device`` (faces flattened with their image index)."""
-    images = torch.stack([s["image"] for s in samples]).to(device)
+    """Samples -> one TrainBatch on ``device`` (faces flattened with their image index, in image
+    order); copies to a GPU go through pinned memory, so they do not wait for the running step."""
+    images = to_device(torch.stack([s["image"] for s in samples]), device)
     image_index = torch.cat([torch.full((len(s["boxes"]),), i, dtype=torch.long) for i, s in enumerate(samples)])
     return TrainBatch(
         images=images,
         prompts=[s["prompt"] for s in samples],
         boxes=[[tuple(float(c) for c in b) for b in s["boxes"]] for s in samples],
-        landmarks=torch.cat([torch.as_tensor(s["landmarks"], dtype=torch.float32) for s in samples]).to(device),
-        image_index=image_index.to(device),
+        landmarks=to_device(torch.cat([torch.as_tensor(s["landmarks"], dtype=torch.float32) for s in samples]), device),
+        image_index=to_device(image_index, device),
         ids=torch.cat([torch.as_tensor(s["ids"], dtype=torch.long) for s in samples]),
         gt_embeddings=torch.cat([torch.as_tensor(s["gt_embeddings"], dtype=torch.float32) for s in samples]),
         ref_images=[r for s in samples for r in (s["ref_images"].numpy() if torch.is_tensor(s["ref_images"]) else s["ref_images"])],

@@ -41,6 +41,15 @@ class TrainBatch:
     ref_images: list
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host tensor -> ``device`` without making the host wait for the GPU: a pageable copy to CUDA
+    first waits for the stream, a pinned one with ``non_blocking`` does not."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class TrainModel(nn.Module):
     """Frozen parts + trainable adapter; ``adapter`` is the only module with trainable parameters."""
 
@@ -105,41 +114,59 @@ class TrainModel(nn.Module):
     def encode_text(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.parts
         ids = p.clip_tokenizer(prompts, padding="max_length", max_length=p.clip_tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt").input_ids.to(device)
+                               truncation=True, return_tensors="pt").input_ids
+        ids = to_device(ids, device)
         pooled = self.clip(ids).pooler_output
         ids = p.t5_tokenizer(prompts, padding="max_length", max_length=p.max_text_tokens, truncation=True,
-                             return_tensors="pt").input_ids.to(device)
-        return self.t5(ids).last_hidden_state, pooled
+                             return_tensors="pt").input_ids
+        return self.t5(to_device(ids, device)).last_hidden_state, pooled
 
     @torch.no_grad()
     def identity_inputs(self, batch: TrainBatch, device, dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Per image (B, R, arc_dim) ArcFace embeddings and (B, R, T, D) SigLIP tokens of its faces'
         references, padded with zeros to the largest face count R (padded references own keys that no
-        token attends to)."""
+        token attends to).
+
+        Faces are in image order (as ``collate`` lays them out), so each face's (image, slot) comes
+        from the boxes' counts on the host: no read-back of device tensors. The reference crops
+        (square faces) are aligned by one ``face_warp`` call for all of them when they share a size.
+        """
         from idflux.kernels import face_warp
         from idflux.kernels.face_warp_ref import arcface_template
 
-        refs = [torch.from_numpy(r.copy()).permute(2, 0, 1).float() for r in batch.ref_images]
-        crops = []
-        for r in refs:  # reference crops are square faces: the template scaled to the crop aligns them
-            side = float(min(r.shape[1:]))
-            lm = (arcface_template(112, dtype=torch.float32) * side / 112)[None]
-            crops.append(face_warp(r[None].to(device), lm.to(device), torch.zeros(1, dtype=torch.long, device=device),
-                                   value_range=(0.0, 255.0)))
-        arc = self.recognizer(torch.cat(crops).to(dtype)) if crops else torch.zeros(0, self.adapter.cfg.arc_dim, device=device)
-        sig = self.siglip([r for r in batch.ref_images]) if batch.ref_images else None
         B = batch.images.shape[0]
-        counts = torch.bincount(batch.image_index.cpu(), minlength=B)
-        R = max(int(counts.max()) if counts.numel() else 0, 1)
-        arc_b = torch.zeros(B, R, arc.shape[-1], device=device, dtype=dtype)
-        sig_b = torch.zeros(B, R, *sig.shape[1:], device=device, dtype=dtype) if sig is not None else None
-        slot = torch.zeros(B, dtype=torch.long)
-        for f, b in enumerate(batch.image_index.tolist()):
-            arc_b[b, slot[b]] = arc[f]
-            if sig_b is not None:
-                sig_b[b, slot[b]] = sig[f].to(dtype)
-            slot[b] += 1
-        return arc_b, sig_b, R
+        counts = [len(b) for b in batch.boxes]
+        R = max(max(counts, default=0), 1)
+        F = sum(counts)
+        arc_dim = self.adapter.cfg.arc_dim
+        if F == 0:  # no faces, no references: the SigLIP branch is off
+            return torch.zeros(B, R, arc_dim, device=device, dtype=dtype), None, R
+        refs = [torch.from_numpy(r.copy()).permute(2, 0, 1).float() for r in batch.ref_images]
+        groups = {}  # reference crops by size: one face_warp call per size (one in practice)
+        for f, r in enumerate(refs):
+            groups.setdefault(tuple(r.shape), []).append(f)
+        crops = torch.empty(F, 3, 112, 112, device=device)
+        for shape, faces in groups.items():
+            side = float(min(shape[1:]))
+            lm = (arcface_template(112, dtype=torch.float32) * side / 112)[None].expand(len(faces), 5, 2)
+            images = to_device(torch.stack([refs[f] for f in faces]), device)
+            out = face_warp(images, to_device(lm.contiguous(), device), to_device(torch.arange(len(faces)), device),
+                            value_range=(0.0, 255.0), check=False)  # template landmarks: valid by construction
+            if len(groups) == 1:
+                crops = out
+            else:
+                crops[to_device(torch.tensor(faces), device)] = out
+        arc = self.recognizer(crops.to(dtype))
+        sig = self.siglip([r for r in batch.ref_images]) if batch.ref_images else None
+        # flat slot of face f: image * R + its position among the image's faces
+        slot = torch.tensor([b * R + j for b, n in enumerate(counts) for j in range(n)])
+        slot = to_device(slot, device)
+        arc_b = torch.zeros(B * R, arc.shape[-1], device=device, dtype=dtype).index_copy_(0, slot, arc.to(dtype))
+        sig_b = None
+        if sig is not None:
+            sig_b = torch.zeros(B * R, *sig.shape[1:], device=device, dtype=dtype).index_copy_(0, slot, sig.to(device, dtype))
+            sig_b = sig_b.view(B, R, *sig.shape[1:])
+        return arc_b.view(B, R, -1), sig_b, R
 
     def forward(self, batch: TrainBatch, sample_seeds: list[int], step_seed: int) -> dict[str, torch.Tensor]:
         """DDP's entry point: the losses of one micro-batch (see :meth:`losses`)."""
@@ -172,12 +199,12 @@ class TrainModel(nn.Module):
             g = torch.Generator().manual_seed(seed)
             noise.append(torch.randn(x0.shape[1:], generator=g))
             t.append(sample_timesteps(1, mu, generator=g))
-        noise = torch.stack(noise).to(device, dtype)
-        t = torch.cat(t).to(device)
+        noise = to_device(torch.stack(noise).to(dtype), device)
+        t = to_device(torch.cat(t), device)
         x_t = noisy_latents(x0, noise, t)
         txt, pooled = self.encode_text(batch.prompts, device)
         arc, sig, R = self.identity_inputs(batch, device, dtype)
-        membership = boxes_to_membership([[tuple(bx) for bx in boxes] for boxes in batch.boxes], size, size).to(device)
+        membership = to_device(boxes_to_membership([[tuple(bx) for bx in boxes] for boxes in batch.boxes], size, size), device)
         layout = RegionLayout.from_membership(membership, R)
         ctx = self.adapter.prepare(arc, sig, layout)
         img_ids = image_ids(h // 2, w // 2, device=device, dtype=dtype)
@@ -207,8 +234,8 @@ class TrainModel(nn.Module):
             # In-batch negatives over the global batch: every process computes the same global loss;
             # the gather's backward brings each process world x its rows' gradient, DDP divides by world.
             g_all = D.gather_rows(g.float(), grad=True)
-            pos_all = D.gather_rows(pos.to(device).float())
-            ids_all = D.gather_rows(batch.ids.to(device))
+            pos_all = D.gather_rows(to_device(pos, device).float())
+            ids_all = D.gather_rows(to_device(batch.ids, device))
             gen = torch.Generator().manual_seed(step_seed)
             l_cl = self.cl_loss(g_all, pos_all, ids_all, generator=gen, valid=D.gather_rows(valid.to(torch.uint8)).bool())
             out["loss"] = out["loss"] + l_id + l_cl

@@ -276,3 +276,45 @@ def test_config_round_trip_and_fields_of_another_version():
         warnings.simplefilter("always")
         assert TrainConfig.from_dict(old) == cfg
     assert any("log_every" in str(w.message) for w in caught)
+
+
+def _identity_inputs_per_face(model, batch, dtype):
+    """The per-face formulation: one face_warp call per reference, slots filled in a Python loop."""
+    from idflux.kernels import face_warp
+    from idflux.kernels.face_warp_ref import arcface_template
+
+    crops = []
+    for r in batch.ref_images:
+        r = torch.from_numpy(r.copy()).permute(2, 0, 1).float()
+        lm = (arcface_template(112, dtype=torch.float32) * float(min(r.shape[1:])) / 112)[None]
+        crops.append(face_warp(r[None], lm, torch.zeros(1, dtype=torch.long), value_range=(0.0, 255.0)))
+    arc = model.recognizer(torch.cat(crops).to(dtype))
+    sig = model.siglip(list(batch.ref_images))
+    B = batch.images.shape[0]
+    R = max(len(b) for b in batch.boxes)
+    arc_b = torch.zeros(B, R, arc.shape[-1], dtype=dtype)
+    sig_b = torch.zeros(B, R, *sig.shape[1:], dtype=dtype)
+    slot = [0] * B
+    for f, b in enumerate(batch.image_index.tolist()):
+        arc_b[b, slot[b]], sig_b[b, slot[b]] = arc[f], sig[f]
+        slot[b] += 1
+    return arc_b, sig_b, R
+
+
+def test_identity_inputs_one_warp_for_all_references_and_no_host_read(tmp_path, data_root):
+    from sync_probe import host_syncs
+
+    cfg = small_cfg(tmp_path, data_root)
+    model = TrainModel.build(cfg)
+    ds = build_dataset(cfg)
+    samples = [ds.sample(i, cfg.phases[0]) for i in range(4)]
+    assert len({len(s["boxes"]) for s in samples}) > 1, "the batch should mix face counts"
+    batch = collate(samples, "cpu")
+    with torch.no_grad():
+        got = model.identity_inputs(batch, "cpu", torch.float32)
+        want = _identity_inputs_per_face(model, batch, torch.float32)
+    assert got[2] == want[2]
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    found = host_syncs(lambda: model.identity_inputs(batch, "cpu", torch.float32))
+    assert not found, found
