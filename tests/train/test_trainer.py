@@ -318,3 +318,13 @@ def test_identity_inputs_one_warp_for_all_references_and_no_host_read(tmp_path, 
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
     found = host_syncs(lambda: model.identity_inputs(batch, "cpu", torch.float32))
     assert not found, found
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_to_device_copies_values_and_passes_device_tensors_through(device):
+    from idflux.train.model import to_device
+
+    x = torch.arange(12.0).view(3, 4)
+    y = to_device(x, device)
+    assert y.device.type == device and torch.equal(y.cpu(), x)
+    assert to_device(y, device) is y, "already there: no copy"
