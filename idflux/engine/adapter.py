@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from idflux.engine.profiling import nvtx_range
 from idflux.kernels import region_attention_packed
+from idflux.kernels.region_attention import checked_layout
 from idflux.kernels.region_attention_ref import dense_mask_from_membership
 
 
@@ -105,10 +106,25 @@ class RegionLayout:
     packed_membership: torch.Tensor
     n_refs: int
     rows: torch.Tensor | None = None
+    host: "RegionLayout | None" = None
+    """The CPU layout this one was copied from (:meth:`to`): its values are checked instead of the
+    device tensors', so preparing a layout never waits for the GPU."""
 
     def __post_init__(self):
         if self.rows is None:
             self.rows = self.b_idx * self.membership.shape[1] + self.t_idx
+
+    def to(self, device) -> "RegionLayout":
+        """This layout on ``device``, built here on the host (from boxes, without reading anything
+        back) and copied through pinned memory without waiting for the GPU; ``host`` keeps the
+        source for the value checks."""
+        device = torch.device(device)
+        if self.membership.device == device:
+            return self
+        pinned = device.type == "cuda" and self.membership.device.type == "cpu"
+        move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if pinned else (lambda t: t.to(device))
+        return RegionLayout(move(self.membership), move(self.b_idx), move(self.t_idx), move(self.packed_membership),
+                            self.n_refs, move(self.rows), host=self)
 
     @classmethod
     def from_membership(cls, membership: torch.Tensor, n_refs: int) -> "RegionLayout":
@@ -124,6 +140,18 @@ class RegionLayout:
         """(B, R+1) key spans when every reference has ``tokens_per_ref`` tokens."""
         B = self.membership.shape[0]
         return (torch.arange(self.n_refs + 1, device=self.membership.device) * tokens_per_ref).expand(B, -1).contiguous()
+
+    def checked_offsets(self, tokens_per_ref: int) -> torch.Tensor:
+        """:meth:`ref_offsets`, with the packed layout (membership, image index, these offsets)
+        checked and remembered by region_attention: from the ``host`` copies when the layout has
+        them, so the first attention call reads nothing back."""
+        offsets = self.ref_offsets(tokens_per_ref)
+        host = None
+        if self.host is not None:
+            host = (self.host.packed_membership, self.host.b_idx, self.host.ref_offsets(tokens_per_ref))
+        checked_layout(self.packed_membership, offsets, self.n_refs * tokens_per_ref, self.membership.shape[0],
+                       image_index=self.b_idx, host=host)
+        return offsets
 
 
 class IdentityCrossAttention(nn.Module):
@@ -200,12 +228,12 @@ class IdentityAdapter(nn.Module):
         arc, sig = self.id_tokens(arc_emb, siglip_tokens)
         ctx = {
             "layout": layout, "backend": backend,
-            "arc": [blk.project_kv(arc) for blk in self.arc_blocks], "arc_offsets": layout.ref_offsets(self.cfg.arc_tokens),
+            "arc": [blk.project_kv(arc) for blk in self.arc_blocks], "arc_offsets": layout.checked_offsets(self.cfg.arc_tokens),
             "id_weight": id_weight, "siglip_weight": siglip_weight,
         }
         if sig is not None and siglip_weight != 0:
             ctx["sig"] = [blk.project_kv(sig) for blk in self.sig_blocks]
-            ctx["sig_offsets"] = layout.ref_offsets(self.cfg.sig_tokens_per_ref)
+            ctx["sig_offsets"] = layout.checked_offsets(self.cfg.sig_tokens_per_ref)
         return ctx
 
     def apply(self, index: int, img: torch.Tensor, ctx: dict) -> torch.Tensor:

@@ -124,8 +124,7 @@ class Pipeline:
             raise ValueError(f"size must be a multiple of {TOKEN_PIXELS}, got {size}")
         B, R = len(settings), max(a.shape[0] for a in arc_embs)
         boxes = [parse_boxes(x.boxes, a.shape[0], size, size) for x, a in zip(settings, arc_embs)]
-        membership = boxes_to_membership(boxes, size, size).to(self.device)
-        layout = RegionLayout.from_membership(membership, R)
+        layout = RegionLayout.from_membership(boxes_to_membership(boxes, size, size), R).to(self.device)  # built on the host
         arc = torch.zeros(B, R, arc_embs[0].shape[-1], device=self.device, dtype=self.dtype)
         for b, a in enumerate(arc_embs):
             arc[b, : a.shape[0]] = a.to(self.device, self.dtype)

@@ -96,6 +96,14 @@ def _layout_entry(fn, membership, image_index, ref_offsets, Nkv, R, B):
     entry = _seen_before(tag, *tensors, value=True)
     if entry is not None:
         return entry
+    _check_layout_values(fn, membership, image_index, ref_offsets, Nkv, R, B)
+    entry = {}
+    _remember(tag, *tensors, payload=entry)
+    return entry
+
+
+def _check_layout_values(fn, membership, image_index, ref_offsets, Nkv, R, B):
+    """The value checks of a layout (they read it back: a host sync for device tensors)."""
     offs = ref_offsets.long()
     mem = membership.long()
     bad_range = offs.numel() and bool(((offs < 0) | (offs > Nkv)).any())
@@ -112,9 +120,38 @@ def _layout_entry(fn, membership, image_index, ref_offsets, Nkv, R, B):
     if image_index is not None and image_index.numel() and bool(((image_index < 0) | (image_index >= B)).any()):
         _fail(fn, f"image_index must lie in [0, B={B}) (B = k.shape[0]), got values in "
                   f"[{int(image_index.min())}, {int(image_index.max())}]")
-    entry = {}
-    _remember(tag, *tensors, payload=entry)
-    return entry
+
+
+def checked_layout(membership: torch.Tensor, ref_offsets: torch.Tensor, n_kv: int, n_images: int, *,
+                   image_index: torch.Tensor | None = None, host: tuple | None = None) -> None:
+    """Check a layout now and remember it, so that its first region_attention call does not read it
+    back. For a layout built on the host and copied to the GPU, ``host`` = (membership, image_index
+    or None, ref_offsets): the CPU tensors the device ones were copied from, checked instead of
+    them (no host sync at all). The layout is identified by its tensor objects, as the calls pass
+    them: (membership (B, Nq), ref_offsets) for region_attention, (membership (T,), image_index,
+    ref_offsets) for region_attention_packed; n_kv = k.shape[2], n_images = k.shape[0]. An
+    in-place change of a tensor afterwards makes the next call check again.
+    """
+    fn = "checked_layout"
+    R = ref_offsets.shape[1] - 1
+    h_mem, h_idx, h_offs = host if host is not None else (membership, image_index, ref_offsets)
+    if (h_idx is None) != (image_index is None):
+        _fail(fn, "host must hold an image_index exactly when image_index is given")
+    for name, a, b in (("membership", h_mem, membership), ("image_index", h_idx, image_index), ("ref_offsets", h_offs, ref_offsets)):
+        if a is not None and a.shape != b.shape:
+            _fail(fn, f"host {name} has shape {tuple(a.shape)} but the layout's has {tuple(b.shape)}; pass the tensors it was copied from")
+    _check_layout_values(fn, h_mem, h_idx, h_offs, n_kv, R, n_images)
+    tensors = (membership, ref_offsets) if image_index is None else (membership, image_index, ref_offsets)
+    tag = ("layout", n_kv, R, n_images, image_index is None)
+    entry = _seen_before(tag, *tensors, value=True)
+    if entry is None:
+        entry = {}
+        _remember(tag, *tensors, payload=entry)
+    if host is not None and ("hint", _BLOCK_M) not in entry:
+        # The dk/dv launch's sizes from the same tile plan built on the host copies (the device
+        # builds its own without a sync; both come from the same values).
+        plan = _dense_plan(h_mem, R) if h_idx is None else _packed_plan(h_mem, h_idx, n_images, R)
+        entry[("hint", _BLOCK_M)] = _hint(plan[3], h_offs)
 
 
 # Tensors whose values were already checked (or planned from), keyed by identity. An entry holds weak
@@ -303,15 +340,21 @@ def _plan_for(entry, membership, image_index, n_images, ref_offsets):
     cached = entry.get(key)
     if cached is None:
         plan = build()
-        ref_counts = plan[3]
-        spans = (ref_offsets[:, 1:] - ref_offsets[:, :-1]).reshape(-1)
-        zero = ref_counts.new_zeros(())
-        offs = ref_offsets.to(ref_counts.dtype)
-        stats = torch.stack([ref_counts.max() if ref_counts.numel() else zero,
-                             spans.max().to(ref_counts.dtype) if spans.numel() else zero,
-                             offs[:, 0].max() if offs.numel() else zero, offs[:, -1].min() if offs.numel() else zero])
-        cached = entry[key] = (plan, tuple(int(x) for x in stats.tolist()))
+        hint = entry.get(("hint", _BLOCK_M))  # from checked_layout's host copies: nothing to read back
+        cached = entry[key] = (plan, hint if hint is not None else _hint(plan[3], ref_offsets))
     return cached
+
+
+def _hint(ref_counts: torch.Tensor, ref_offsets: torch.Tensor) -> tuple[int, int, int, int]:
+    """(most tiles of one reference, longest span, largest first offset, smallest last offset) of
+    a plan and its offsets, read back to the host (a sync for device tensors)."""
+    spans = (ref_offsets[:, 1:] - ref_offsets[:, :-1]).reshape(-1)
+    zero = ref_counts.new_zeros(())
+    offs = ref_offsets.to(ref_counts.dtype)
+    stats = torch.stack([ref_counts.max() if ref_counts.numel() else zero,
+                         spans.max().to(ref_counts.dtype) if spans.numel() else zero,
+                         offs[:, 0].max() if offs.numel() else zero, offs[:, -1].min() if offs.numel() else zero])
+    return tuple(int(x) for x in stats.tolist())
 
 
 #: dk/dv walk split: None picks it per layout (enough programs to fill the GPU); an int forces it

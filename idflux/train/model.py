@@ -204,8 +204,9 @@ class TrainModel(nn.Module):
         x_t = noisy_latents(x0, noise, t)
         txt, pooled = self.encode_text(batch.prompts, device)
         arc, sig, R = self.identity_inputs(batch, device, dtype)
-        membership = to_device(boxes_to_membership([[tuple(bx) for bx in boxes] for boxes in batch.boxes], size, size), device)
-        layout = RegionLayout.from_membership(membership, R)
+        # The layout is built and checked on the host (from the boxes), then copied: no read-back.
+        layout = RegionLayout.from_membership(boxes_to_membership([[tuple(bx) for bx in boxes] for boxes in batch.boxes],
+                                                                  size, size), R).to(device)
         ctx = self.adapter.prepare(arc, sig, layout)
         img_ids = image_ids(h // 2, w // 2, device=device, dtype=dtype)
         txt_ids = torch.zeros(txt.shape[1], 3, device=device, dtype=dtype)

@@ -165,6 +165,29 @@ def test_denoising_steps_never_sync_with_the_host():
     assert_no_host_sync(steps)
 
 
+def test_a_layout_built_on_the_host_needs_no_read_back_at_all():
+    """Training builds each step's layout on the host (RegionLayout.to): prepare checks the host
+    copies, so even the first application of the step's new layout runs without a host sync, and
+    the host can queue the step ahead of the GPU."""
+    if not (INTERPRET or torch.cuda.is_available()):
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    from sync_probe import assert_no_host_sync
+
+    cfg = tiny_adapter()
+    adapter = randomize(IdentityAdapter(cfg)).float()
+    img, arc, sig, membership = make_inputs(cfg, dtype=torch.float32)
+    host = RegionLayout.from_membership(membership, n_refs=2)
+    assert host.to(membership.device) is host, "already there: no copy"
+    # the device copy as RegionLayout.to makes it (on this machine the "device" is the CPU)
+    layout = RegionLayout(*(t.clone() for t in (host.membership, host.b_idx, host.t_idx, host.packed_membership)),
+                          host.n_refs, host.rows.clone(), host=host)
+    ctx = adapter.prepare(arc, sig, layout, backend="triton")
+    x = img.clone().requires_grad_()
+    assert_no_host_sync(lambda: torch.autograd.grad(adapter.apply(0, x, ctx).sum(), [x]))
+    ref_ctx = adapter.prepare(arc, sig, host, backend="triton")
+    torch.testing.assert_close(adapter.apply(0, img, ctx), adapter.apply(0, img, ref_ctx))
+
+
 def test_adapter_block_compiles_without_graph_breaks():
     if not (INTERPRET or torch.cuda.is_available()):
         pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")

@@ -743,3 +743,61 @@ def test_reference_groups_follow_in_place_layout_changes():
     # the cached groups serve later calls with the same layout tensors, and agree with fresh ones
     again = region_attention_packed_ref(q[0].transpose(0, 1), k, v, mem[0], torch.zeros(30, dtype=torch.long), offs)
     torch.testing.assert_close(region_attention(q, k, v, mem, offs, backend="torch")[0].transpose(0, 1), again)
+
+
+def _packed_case(gen):
+    B, H, D, R, per = 2, 2, 16, 3, 5
+    mem = torch.randint(0, 2 ** R, (B, 30), generator=gen)
+    b_idx, t_idx = (mem != 0).nonzero(as_tuple=True)
+    q = torch.randn(b_idx.numel(), H, D, generator=gen)
+    k, v = (torch.randn(B, H, R * per, D, generator=gen) for _ in range(2))
+    offs = (torch.arange(R + 1) * per).expand(B, -1).contiguous()
+    return q, k, v, mem[b_idx, t_idx], b_idx, offs
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_checked_layout_from_host_copies_spares_the_first_call_its_read_back(backend):
+    from sync_probe import assert_no_host_sync, host_syncs
+
+    from idflux.kernels.region_attention import checked_layout
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, pm, b_idx, offs = _packed_case(gen)
+    call = lambda m, i, o: region_attention_packed(q, k, v, m, i, o, backend=backend)  # noqa: E731
+    fresh = [t.clone() for t in (pm, b_idx, offs)]
+    assert host_syncs(lambda: call(*fresh)), "an unchecked layout is read back on its first call"
+    device = [t.clone() for t in (pm, b_idx, offs)]  # stand-ins for the GPU copies of (pm, b_idx, offs)
+    checked_layout(device[0], device[2], k.shape[2], k.shape[0], image_index=device[1], host=(pm, b_idx, offs))
+    if backend == "triton":
+        assert_no_host_sync(lambda: call(*device))
+    else:  # the reference path still groups tokens on its first call; only the value checks are spared
+        assert not [w for _, w in host_syncs(lambda: call(*device)) if "_layout_entry" in w or "_check_layout_values" in w]
+    torch.testing.assert_close(call(*device), call(pm, b_idx, offs))
+    if backend == "triton":  # the dk/dv sizes taken from the host plan equal the device plan's own
+        import importlib
+
+        ra = importlib.import_module("idflux.kernels.region_attention")
+        entry = ra._layout_entry("t", device[0], device[1], device[2], k.shape[2], offs.shape[1] - 1, k.shape[0])
+        plan, hint = entry[("plan", ra._BLOCK_M)]
+        assert hint == ra._hint(plan[3], device[2])
+
+
+def test_checked_layout_checks_the_host_values_and_shapes():
+    from idflux.kernels.region_attention import checked_layout
+
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, pm, b_idx, offs = _packed_case(gen)
+    bad = pm.clone()
+    bad[0] = 1 << 5  # a bit beyond R = 3
+    with pytest.raises(ValueError, match="membership has bits beyond"):
+        checked_layout(pm, offs, k.shape[2], k.shape[0], image_index=b_idx, host=(bad, b_idx, offs))
+    with pytest.raises(ValueError, match="image_index must lie in"):
+        checked_layout(pm, offs, k.shape[2], 1, image_index=b_idx, host=(pm, b_idx, offs))
+    with pytest.raises(ValueError, match="host ref_offsets has shape"):
+        checked_layout(pm, offs, k.shape[2], k.shape[0], image_index=b_idx, host=(pm, b_idx, offs[:1]))
+    with pytest.raises(ValueError, match="host must hold an image_index"):
+        checked_layout(pm, offs, k.shape[2], k.shape[0], image_index=b_idx, host=(pm, None, offs))
+    checked_layout(pm, offs, k.shape[2], k.shape[0], image_index=b_idx)  # no host copies: the tensors themselves
+    pm[0] = 1 << 5  # changed in place after the check: the next call checks again
+    with pytest.raises(ValueError, match="membership has bits beyond"):
+        region_attention_packed(q, k, v, pm, b_idx, offs, backend="torch")
