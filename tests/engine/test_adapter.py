@@ -139,17 +139,21 @@ def test_save_load_our_adapter(tmp_path):
         load_adapter(tmp_path / "released.safetensors")
 
 
+def _triton_fp32_case():
+    """(cfg, randomised fp32 tiny adapter, make_inputs) for the Triton-path sync tests."""
+    if not (INTERPRET or torch.cuda.is_available()):
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    cfg = tiny_adapter()
+    return cfg, randomize(IdentityAdapter(cfg)).float(), make_inputs(cfg, dtype=torch.float32)
+
+
 def test_denoising_steps_never_sync_with_the_host():
     """Per generation, RegionLayout and the first region_attention call of each layout read values
     back once; every adapter application after that (all blocks, both branches, every step,
     forward and backward) runs without a host sync, so the step can be captured in a CUDA graph."""
-    if not (INTERPRET or torch.cuda.is_available()):
-        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     from sync_probe import assert_no_host_sync
 
-    cfg = tiny_adapter()
-    adapter = randomize(IdentityAdapter(cfg)).float()
-    img, arc, sig, membership = make_inputs(cfg, dtype=torch.float32)
+    cfg, adapter, (img, arc, sig, membership) = _triton_fp32_case()
     layout = RegionLayout.from_membership(membership, n_refs=2)
     ctx = adapter.prepare(arc, sig, layout, backend="triton")
     x = img.clone().requires_grad_()
@@ -169,13 +173,9 @@ def test_a_layout_built_on_the_host_needs_no_read_back_at_all():
     """Training builds each step's layout on the host (RegionLayout.to): prepare checks the host
     copies, so even the first application of the step's new layout runs without a host sync, and
     the host can queue the step ahead of the GPU."""
-    if not (INTERPRET or torch.cuda.is_available()):
-        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
     from sync_probe import assert_no_host_sync
 
-    cfg = tiny_adapter()
-    adapter = randomize(IdentityAdapter(cfg)).float()
-    img, arc, sig, membership = make_inputs(cfg, dtype=torch.float32)
+    cfg, adapter, (img, arc, sig, membership) = _triton_fp32_case()
     host = RegionLayout.from_membership(membership, n_refs=2)
     assert host.to(membership.device) is host, "already there: no copy"
     # the device copy as RegionLayout.to makes it (on this machine the "device" is the CPU)
