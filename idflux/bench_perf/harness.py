@@ -352,9 +352,9 @@ _GOAL_METRICS = ("speedup", "slowdown", "bandwidth", "memory")
 
 def _goal_value(goal: Goal, prov: dict, base: dict, key: str) -> float | None:
     """The goal's ratio on one case from ``key`` times ("ms" or "ms_device"); None if unmeasured."""
-    if goal.metric == "memory":
+    if goal.metric == "memory":  # one peak per row, measured on the eager calls
         a, b = prov.get("peak_mem_mb"), base.get("peak_mem_mb")
-        return b / max(a, 1e-3) if a is not None and b is not None else None
+        return b / max(a, 1e-3) if key == "ms" and a is not None and b is not None else None
     tp, tb = prov.get(key), base.get(key)
     if not tp or not tb:
         return None
@@ -391,8 +391,6 @@ def goal_report(rows: list[dict], goals: Sequence[Goal]) -> list[dict]:
                      "shape": json.loads(shape), "dtype": dtype, "metric": g.metric, "bound": g.bound}
             for key, suffix in (("ms", ""), ("ms_device", "_device")):
                 value = _goal_value(g, row, base, key)
-                if g.metric == "memory" and suffix:
-                    value = None  # one peak per row: the eager entry holds it
                 entry["value" + suffix] = value
                 entry["met" + suffix] = None if value is None else (value <= g.bound if g.metric == "slowdown" else value >= g.bound)
             out.append(entry)

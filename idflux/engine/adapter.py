@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from idflux.engine.lowvram import to_device
 from idflux.engine.profiling import nvtx_range
 from idflux.kernels import region_attention_packed
 from idflux.kernels.region_attention import checked_layout
@@ -118,13 +119,10 @@ class RegionLayout:
         """This layout on ``device``, built here on the host (from boxes, without reading anything
         back) and copied through pinned memory without waiting for the GPU; ``host`` keeps the
         source for the value checks."""
-        device = torch.device(device)
-        if self.membership.device == device:
+        if self.membership.device == torch.device(device):
             return self
-        pinned = device.type == "cuda" and self.membership.device.type == "cpu"
-        move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if pinned else (lambda t: t.to(device))
-        return RegionLayout(move(self.membership), move(self.b_idx), move(self.t_idx), move(self.packed_membership),
-                            self.n_refs, move(self.rows), host=self)
+        moved = (to_device(t, device) for t in (self.membership, self.b_idx, self.t_idx, self.packed_membership))
+        return RegionLayout(*moved, self.n_refs, to_device(self.rows, device), host=self)
 
     @classmethod
     def from_membership(cls, membership: torch.Tensor, n_refs: int) -> "RegionLayout":

@@ -1,4 +1,5 @@
-"""Low-VRAM options: fp8 storage of frozen weights (upcast for compute) and stage offloading."""
+"""Low-VRAM options: fp8 storage of frozen weights (upcast for compute) and stage offloading; host
+to GPU copies that do not wait for the GPU (``to_device``)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,12 @@ def on_device(module: nn.Module, device: torch.device, enabled: bool):
         module.to("cpu")
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host tensor -> ``device`` without making the host wait for the GPU: a pageable copy to CUDA
+    first waits for the stream, a pinned one with ``non_blocking`` does not."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

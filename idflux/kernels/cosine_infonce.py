@@ -412,9 +412,7 @@ class CosineInfoNCEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         pos, lse, p_pos, u, dg, s_ib = ctx.saved_tensors
-        need_g, need_pos = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_g or need_pos):
-            return (None,) * 8
+        need_g, need_pos = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # autograd asks for one at least
         N, D = pos.shape
         grad_g = torch.empty(N, D, device=u.device, dtype=ctx.g_dtype) if need_g else None
         grad_pos = torch.empty(N, D, device=u.device, dtype=pos.dtype) if need_pos else None

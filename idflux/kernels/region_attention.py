@@ -79,7 +79,7 @@ def _check_common(fn, q, k, v, membership, ref_offsets, scale, H, D):
         _fail(fn, f"scale must be a positive finite number or None (1/sqrt(D)), got {scale!r}")
 
 
-def _layout_entry(fn, membership, image_index, ref_offsets, Nkv, R, B):
+def _layout_entry(fn, membership, image_index, ref_offsets, Nkv, R, B, values=None):
     """The cache entry (a dict) of a layout whose values passed the checks; None under torch.compile.
 
     The value checks read the layout back (a host sync on CUDA). The same layout tensors come back
@@ -96,7 +96,8 @@ def _layout_entry(fn, membership, image_index, ref_offsets, Nkv, R, B):
     entry = _seen_before(tag, *tensors, value=True)
     if entry is not None:
         return entry
-    _check_layout_values(fn, membership, image_index, ref_offsets, Nkv, R, B)
+    # values: the tensors to check, these or (checked_layout) the host copies they were made from
+    _check_layout_values(fn, *(values or (membership, image_index, ref_offsets)), Nkv, R, B)
     entry = {}
     _remember(tag, *tensors, payload=entry)
     return entry
@@ -140,14 +141,8 @@ def checked_layout(membership: torch.Tensor, ref_offsets: torch.Tensor, n_kv: in
     for name, a, b in (("membership", h_mem, membership), ("image_index", h_idx, image_index), ("ref_offsets", h_offs, ref_offsets)):
         if a is not None and a.shape != b.shape:
             _fail(fn, f"host {name} has shape {tuple(a.shape)} but the layout's has {tuple(b.shape)}; pass the tensors it was copied from")
-    _check_layout_values(fn, h_mem, h_idx, h_offs, n_kv, R, n_images)
-    tensors = (membership, ref_offsets) if image_index is None else (membership, image_index, ref_offsets)
-    tag = ("layout", n_kv, R, n_images, image_index is None)
-    entry = _seen_before(tag, *tensors, value=True)
-    if entry is None:
-        entry = {}
-        _remember(tag, *tensors, payload=entry)
-    if host is not None and ("hint", _BLOCK_M) not in entry:
+    entry = _layout_entry(fn, membership, image_index, ref_offsets, n_kv, R, n_images, values=(h_mem, h_idx, h_offs))
+    if host is not None and entry is not None and ("hint", _BLOCK_M) not in entry:
         # The dk/dv launch's sizes from the same tile plan built on the host copies (the device
         # builds its own without a sync; both come from the same values).
         plan = _dense_plan(h_mem, R) if h_idx is None else _packed_plan(h_mem, h_idx, n_images, R)

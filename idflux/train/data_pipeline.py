@@ -14,7 +14,8 @@ import torch
 
 from idflux.train.config import Phase, TrainConfig
 from idflux.train.data import MultiIDDataset
-from idflux.train.model import TrainBatch, to_device
+from idflux.engine.lowvram import to_device
+from idflux.train.model import TrainBatch
 
 
 class PhasedDataset:

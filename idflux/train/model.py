@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from idflux.engine.adapter import IdentityAdapter, RegionLayout, flux_dev_adapter, tiny_adapter
+from idflux.engine.lowvram import to_device
 from idflux.engine.faces import SiglipFaceEncoder
 from idflux.engine.flux import flux_forward, image_ids, pack_latents, unpack_latents
 from idflux.engine.iresnet import IResNet, iresnet_tiny
@@ -39,15 +40,6 @@ class TrainBatch:
     ids: torch.Tensor
     gt_embeddings: torch.Tensor | None
     ref_images: list
-
-
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """Host tensor -> ``device`` without making the host wait for the GPU: a pageable copy to CUDA
-    first waits for the stream, a pinned one with ``non_blocking`` does not."""
-    device = torch.device(device)
-    if device.type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 class TrainModel(nn.Module):
@@ -137,36 +129,31 @@ class TrainModel(nn.Module):
         B = batch.images.shape[0]
         counts = [len(b) for b in batch.boxes]
         R = max(max(counts, default=0), 1)
-        F = sum(counts)
-        arc_dim = self.adapter.cfg.arc_dim
-        if F == 0:  # no faces, no references: the SigLIP branch is off
-            return torch.zeros(B, R, arc_dim, device=device, dtype=dtype), None, R
+        if not batch.ref_images:  # no faces, no references: the SigLIP branch is off
+            return torch.zeros(B, R, self.adapter.cfg.arc_dim, device=device, dtype=dtype), None, R
         refs = [torch.from_numpy(r.copy()).permute(2, 0, 1).float() for r in batch.ref_images]
         groups = {}  # reference crops by size: one face_warp call per size (one in practice)
         for f, r in enumerate(refs):
             groups.setdefault(tuple(r.shape), []).append(f)
-        crops = torch.empty(F, 3, 112, 112, device=device)
+        crops, order = [], []
         for shape, faces in groups.items():
             side = float(min(shape[1:]))
             lm = (arcface_template(112, dtype=torch.float32) * side / 112)[None].expand(len(faces), 5, 2)
             images = to_device(torch.stack([refs[f] for f in faces]), device)
-            out = face_warp(images, to_device(lm.contiguous(), device), to_device(torch.arange(len(faces)), device),
-                            value_range=(0.0, 255.0), check=False)  # template landmarks: valid by construction
-            if len(groups) == 1:
-                crops = out
-            else:
-                crops[to_device(torch.tensor(faces), device)] = out
+            crops.append(face_warp(images, to_device(lm.contiguous(), device), to_device(torch.arange(len(faces)), device),
+                                   value_range=(0.0, 255.0), check=False))  # template landmarks: valid by construction
+            order += faces
+        if len(crops) == 1:
+            crops = crops[0]
+        else:  # several sizes: back to face order
+            crops = torch.cat(crops)[to_device(torch.tensor(order).argsort(), device)]
         arc = self.recognizer(crops.to(dtype))
-        sig = self.siglip([r for r in batch.ref_images]) if batch.ref_images else None
+        sig = self.siglip(list(batch.ref_images))
         # flat slot of face f: image * R + its position among the image's faces
-        slot = torch.tensor([b * R + j for b, n in enumerate(counts) for j in range(n)])
-        slot = to_device(slot, device)
+        slot = to_device(torch.tensor([b * R + j for b, n in enumerate(counts) for j in range(n)]), device)
         arc_b = torch.zeros(B * R, arc.shape[-1], device=device, dtype=dtype).index_copy_(0, slot, arc.to(dtype))
-        sig_b = None
-        if sig is not None:
-            sig_b = torch.zeros(B * R, *sig.shape[1:], device=device, dtype=dtype).index_copy_(0, slot, sig.to(device, dtype))
-            sig_b = sig_b.view(B, R, *sig.shape[1:])
-        return arc_b.view(B, R, -1), sig_b, R
+        sig_b = torch.zeros(B * R, *sig.shape[1:], device=device, dtype=dtype).index_copy_(0, slot, sig.to(device, dtype))
+        return arc_b.view(B, R, -1), sig_b.view(B, R, *sig.shape[1:]), R
 
     def forward(self, batch: TrainBatch, sample_seeds: list[int], step_seed: int) -> dict[str, torch.Tensor]:
         """DDP's entry point: the losses of one micro-batch (see :meth:`losses`)."""

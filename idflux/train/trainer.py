@@ -44,6 +44,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
     """
     from idflux.train.data_pipeline import build_dataset, collate, micro_batches
 
+    if cfg.num_workers < 0:
+        raise ValueError(f"num_workers (--workers) must be >= 0, got {cfg.num_workers}")
     rank, world = D.setup(cfg.device)
     device = torch.device(cfg.device if not cfg.device.startswith("cuda") else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     if cfg.batch_size % (world * cfg.grad_accum):
@@ -96,8 +98,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
     bar = tqdm(total=total, initial=step, desc="training", disable=rank != 0)
     log = _StepLog(log_path, bar, device) if rank == 0 else None
     last_ckpt = None
-    if cfg.num_workers < 0:
-        raise ValueError(f"num_workers (--workers) must be >= 0, got {cfg.num_workers}")
     data = micro_batches(dataset, cfg, step, total, rank, micro)
     try:
         while step < total:

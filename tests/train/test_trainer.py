@@ -322,9 +322,14 @@ def test_identity_inputs_one_warp_for_all_references_and_no_host_read(tmp_path, 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_to_device_copies_values_and_passes_device_tensors_through(device):
-    from idflux.train.model import to_device
+    from idflux.engine.lowvram import to_device
 
     x = torch.arange(12.0).view(3, 4)
     y = to_device(x, device)
     assert y.device.type == device and torch.equal(y.cpu(), x)
     assert to_device(y, device) is y, "already there: no copy"
+
+
+def test_negative_workers_is_a_clear_error(tmp_path, data_root):
+    with pytest.raises(ValueError, match=r"num_workers \(--workers\) must be >= 0"):
+        train(small_cfg(tmp_path, data_root, num_workers=-1))
