@@ -156,7 +156,8 @@ class NegativeBank(nn.Module):
 
         max_per_identity: keep at most this many embeddings per identity, a random subset drawn
         with ``seed`` (default 200, the released cap; None keeps all). device / dtype: storage
-        (default CPU, float32). Loading uses pickle for the dict files: read trusted galleries only.
+        (default CPU, float32). Dict files are read by :func:`idflux.safe_npy.load_npy`, which admits
+        numpy arrays and plain containers only: a file pickling anything else is refused, naming it.
         Building from millions of files is slow: do it once and :meth:`save` the result.
         """
         import numpy as np  # lazy: the GPU test machine has torch and triton only
@@ -416,12 +417,16 @@ def _check_capacity(capacity, minimum: int = 0) -> None:
 
 def _read_embedding(f: Path, np):
     """One reference embedding (D,) float32 from ``f``: a (D,)/(1, D) array or a pickled dict."""
+    from idflux.safe_npy import UnsafePickleError, load_npy
+
     try:
-        arr = np.load(f, allow_pickle=True)
+        arr = load_npy(f)  # pickled dicts through a restricted unpickler: nothing in the file runs
+    except UnsafePickleError as e:
+        raise ValueError(f"NegativeBank.from_gallery: refused {f}: {e}") from None
     except Exception as e:
         raise ValueError(f"NegativeBank.from_gallery: cannot read {f} as .npy ({type(e).__name__}: {e})") from e
-    if arr.dtype == object and arr.shape == ():
-        obj = arr.item()
+    if not isinstance(arr, np.ndarray):
+        obj = arr
         key = next((k for k in ("embeddings", "embedding") if isinstance(obj, Mapping) and k in obj), None)
         if key is None:
             found = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__

@@ -59,7 +59,9 @@ ranks taking every world_size-th position). Every position is consumed once whet
 so after ``n`` steps of global batch ``b`` the next position is ``start + n * b``:
 ``state_dict()`` / ``load_state_dict()`` carry it (and in-process iteration keeps it up to date).
 
-Data files are unpickled (npy dicts): read trusted datasets only.
+The npy dicts are pickles: they are read by :func:`idflux.safe_npy.load_npy`, whose unpickler admits
+numpy arrays and plain containers only, so a crafted npy is skipped (``unsafe_npy``) and nothing in
+it runs.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from idflux.safe_npy import UnsafePickleError, load_npy
 
 __all__ = ["MultiIDDataset", "PositionSampler", "collate_faces", "square_crop", "landmarks_from_detector", "SKIP_KINDS"]
 
@@ -93,6 +97,8 @@ SKIP_KINDS = {
     "no_crop": "json has no valid crop [x1, y1, x2, y2]",
     "no_caption": "json has no caption_en (and no fixed_prompt is set)",
     "bad_npy": "npy does not load, or lacks bboxes / embeddings of the right shapes",
+    "unsafe_npy": "npy pickles something other than arrays and plain containers (refused, never run)",
+    "unsafe_gallery_npy": "a gallery npy pickles something other than arrays and containers (not a candidate)",
     "count_mismatch": "bboxes, embeddings and landmarks disagree in number",
     "no_faces": "no face box",
     "too_many_faces": "more faces than max_faces",
@@ -229,9 +235,9 @@ def _read_member(path: Path, offset: int, size: int) -> bytes:
     return data
 
 
-def _decode_npy(data: bytes):
-    obj = np.load(io.BytesIO(data), allow_pickle=True)
-    return obj.item() if isinstance(obj, np.ndarray) and obj.dtype == object and obj.ndim == 0 else obj
+def _decode_npy(data: bytes, name: str = "<npy>"):
+    """A plain array, or the dict of a pickled object array, through the restricted unpickler."""
+    return load_npy(data, name=name)
 
 
 def _embedding_row(obj) -> np.ndarray:
@@ -458,12 +464,14 @@ class MultiIDDataset(torch.utils.data.Dataset):
         if self.fixed_prompt is None and not isinstance(caption, str):
             raise _Skip("no_caption")
         try:
-            npy = _decode_npy(npy_bytes)
+            npy = _decode_npy(npy_bytes, f"{key}.npy")
             boxes = np.asarray(npy["bboxes"], np.float64)
             embeddings = np.asarray(npy["embeddings"] if "embeddings" in npy else npy["embedding"], np.float32)
             stored = npy.get("landmarks")
             stored = None if stored is None else np.asarray(stored, np.float64)
-        except Exception as exc:  # noqa: BLE001 -- any unpickling / shape failure is a malformed sample
+        except UnsafePickleError as exc:  # a crafted pickle: refused before anything in it ran
+            raise _Skip("unsafe_npy", str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 -- any decoding / shape failure is a malformed sample
             raise _Skip("bad_npy", f"{type(exc).__name__}: {exc}") from None
         if boxes.size == 0:
             raise _Skip("no_faces")
@@ -623,7 +631,11 @@ class MultiIDDataset(torch.utils.data.Dataset):
             if len(self._cache) >= 1 << 16:
                 self._cache.clear()
             try:
-                self._cache[name, stem] = _embedding_row(_decode_npy(path.read_bytes()))
+                self._cache[name, stem] = _embedding_row(_decode_npy(path.read_bytes(), str(path)))
+            except UnsafePickleError as exc:  # refused, never run: this gallery image is no candidate
+                self.skipped["unsafe_gallery_npy"] += 1
+                self._warn("unsafe_gallery_npy", str(exc))
+                self._cache[name, stem] = None
             except Exception:  # noqa: BLE001 -- missing or broken file: no embedding (one candidate less)
                 self._cache[name, stem] = None
         return self._cache[name, stem]

@@ -191,6 +191,28 @@ def test_from_gallery_malformed_file_names_it(tmp_path, bad):
         NegativeBank.from_gallery(root)
 
 
+class _WritesMarker:
+    """Unpickling this with the full pickle module would create ``path`` (the code a crafted file runs)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.path!r}, 'w').write('ran')",))
+
+
+@pytest.mark.parametrize("where", ["dict_value", "whole_object"])
+def test_from_gallery_refuses_a_crafted_pickle_without_running_it(tmp_path, where):
+    root = tmp_path / "ref"
+    write_gallery(root)
+    marker = tmp_path / "marker"
+    evil = {"embeddings": _WritesMarker(marker)} if where == "dict_value" else np.array(_WritesMarker(marker), dtype=object)
+    np.save(root / "bob" / "9.npy", evil, allow_pickle=True)
+    with pytest.raises(ValueError, match=r"refused .*bob/9\.npy.*builtins\.exec"):
+        NegativeBank.from_gallery(root)
+    assert not marker.exists(), "code from a gallery file ran"
+
+
 def test_from_gallery_missing_or_empty_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         NegativeBank.from_gallery(tmp_path / "nowhere")

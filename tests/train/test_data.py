@@ -334,3 +334,51 @@ def test_collate_faces_feeds_face_warp(data):
     crops = face_warp(batch["images"], batch["landmarks"], batch["image_index"], backend="torch")
     for f, name in enumerate(batch["names"]):
         assert eye_is_eye(to_255(crops[f]), np.asarray(ARCFACE_TEMPLATE), person_of(synth, name)), f"face {f} ({name}) not aligned"
+
+
+class _WritesMarker:
+    """Unpickling this with the full pickle module would create ``path`` (the code a crafted file runs)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.path!r}, 'w').write('ran')",))
+
+
+def test_crafted_npy_in_a_shard_or_gallery_is_refused_without_running(data, tmp_path):
+    """The sample npy and the gallery npy are pickles: a crafted one is skipped (unsafe_npy) and the code
+    its __reduce__ names never runs; the other samples load."""
+    root, out, _ = data
+    marker = tmp_path / "marker"
+    members = read_tar(out["shards"][0])
+    keys = sorted({n.split(".")[0] for n, _ in members})
+    crafted = [(n, npy_bytes({"bboxes": _WritesMarker(marker), "embeddings": np.zeros((1, 512))}) if n == f"{keys[1]}.npy"
+                else npy_bytes(np.array(_WritesMarker(marker), dtype=object)) if n == f"{keys[2]}.npy" else b)
+               for n, b in members]
+    shutil.copytree(root / "ref", tmp_path / "d" / "ref")
+    for f in (tmp_path / "d" / "ref").glob("*/0000.npy"):  # every identity's first gallery image
+        f.write_bytes(npy_bytes({"embeddings": _WritesMarker(marker)}))
+    (tmp_path / "d" / "shards").mkdir()
+    (tmp_path / "d" / "shards" / "000000.tar").write_bytes(write_tar(crafted))
+    ds = MultiIDDataset(tmp_path / "d", size=64, ref_size=16, shuffle=False, paired_prob=1.0, paired_min_cos=-1.0)
+    with pytest.warns(RuntimeWarning, match="builtins.exec"):
+        records = [ds[p] for p in range(len(ds))]
+    assert not marker.exists(), "code from a data file ran"
+    assert [r.get("skipped") for r in records[1:3]] == ["unsafe_npy", "unsafe_npy"]
+    assert all("skipped" not in r for i, r in enumerate(records) if i not in (1, 2))
+    assert ds.skipped["unsafe_npy"] == 2 and ds.skipped["unsafe_gallery_npy"] >= 1
+    assert all(src.split("/")[-1] != "0000" for r in records if "skipped" not in r for src in r["ref_sources"])
+
+
+def test_safe_npy_reads_what_np_save_writes():
+    from idflux.safe_npy import load_npy
+
+    obj = {"bboxes": np.arange(8.0).reshape(2, 4), "names": ["a", "b"], "n": np.int64(3), "t": (1, 2.5), "s": {1}}
+    got = load_npy(npy_bytes(obj))
+    assert got.keys() == obj.keys() and np.array_equal(got["bboxes"], obj["bboxes"])
+    assert got["names"] == ["a", "b"] and got["n"] == 3 and got["t"] == (1, 2.5) and got["s"] == {1}
+    plain = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert np.array_equal(load_npy(npy_bytes(plain)), plain)
+    with pytest.raises(ValueError, match="not an .npy"):
+        load_npy(b"garbage", name="x.npy")
