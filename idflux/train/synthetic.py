@@ -336,12 +336,16 @@ class SyntheticIdentities:
         place = ("in a park", "in a studio", "at a street corner", "in a living room", "on a beach")[rng.integers(5)]
         return f"a photo of {people} {place}: " + "; ".join(f"one with {p}" for p in parts)
 
-    def render_scene(self, rng: np.random.Generator, ids: Sequence[int], size) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def render_scene(self, rng: np.random.Generator, ids: Sequence[int], size, *,
+                     face_scale: float = 0.55) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """One image holding the faces of identities ``ids`` (1 or more, distinct or not), non-overlapping.
 
         Args:
             rng: numpy Generator (all randomness of the image). ids: identity indices.
             size: int (square) or (H, W).
+            face_scale: the widest head spans ``face_scale * min(H, W) / ceil(sqrt(n))`` pixels
+                (heads are drawn 0.6-1.0 times that, shrunk when they do not fit); 0.55 by default,
+                the tiny world uses 0.9 so a face box spans several 16-pixel tokens.
 
         Returns:
             image (H, W, 3) uint8 RGB; boxes (n, 4) float32 xyxy; landmarks (n, 5, 2) float32 (x, y)
@@ -351,7 +355,9 @@ class SyntheticIdentities:
         ids = np.asarray(ids, np.int64).reshape(-1)
         if ids.size == 0 or ids.min() < 0 or ids.max() >= len(self):
             raise ValueError(f"render_scene: ids={ids.tolist()} must be 1 or more indices in [0, {len(self)})")
-        per_face = 0.55 * min(H, W) / math.ceil(math.sqrt(ids.size))
+        if not 0.05 <= face_scale <= 1.0:
+            raise ValueError(f"render_scene: face_scale={face_scale!r} must be in [0.05, 1]")
+        per_face = face_scale * min(H, W) / math.ceil(math.sqrt(ids.size))
         return self._compose(rng, ids, H, W, (0.6 * per_face, per_face)) + (ids,)
 
     def render_reference(self, index: int, rng: np.random.Generator, size) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -500,7 +506,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def write_multiid(root, n_identities: int, n_samples: int, size: int = 256, seed: int = 0, shard_size: int = 100, *,
                   refs_per_identity: int = 4, max_faces: int = 4, aspect: tuple[float, float] = (0.75, 1.5),
-                  embed_dim: int = EMBED_DIM, quality: int = 95) -> dict:
+                  embed_dim: int = EMBED_DIM, quality: int = 95, face_scale: float = 0.55) -> dict:
     """Write a synthetic dataset in the MultiID-2M layout under ``root`` (see the module docstring).
 
     Args:
@@ -512,6 +518,7 @@ def write_multiid(root, n_identities: int, n_samples: int, size: int = 256, seed
         shard_size: samples per tar shard. refs_per_identity: gallery images per person.
         max_faces: each sample shows 1..max_faces distinct people (uniform).
         embed_dim: stand-in embedding length (512). quality: JPEG quality.
+        face_scale: head size of the samples (see :meth:`SyntheticIdentities.render_scene`).
 
     Returns:
         dict with ``shards`` (list of Path), ``names`` (identity names), ``n_samples``, ``gallery`` (Path of ref/).
@@ -553,18 +560,19 @@ def write_multiid(root, n_identities: int, n_samples: int, size: int = 256, seed
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for index in range(first, min(first + shard_size, n_samples)):
-                _write_sample(tar, synth, index, seed, size, max_faces, aspect, quality)
+                _write_sample(tar, synth, index, seed, size, max_faces, aspect, quality, face_scale)
         _write_atomic(path, buf.getvalue())
         shards.append(path)
     return {"shards": shards, "names": synth.names, "n_samples": n_samples, "gallery": gallery}
 
 
-def _write_sample(tar, synth: SyntheticIdentities, index: int, seed: int, size: int, max_faces: int, aspect, quality: int):
+def _write_sample(tar, synth: SyntheticIdentities, index: int, seed: int, size: int, max_faces: int, aspect, quality: int,
+                  face_scale: float = 0.55):
     rng = np.random.default_rng([seed, 0x5A, index])
     n = int(rng.integers(1, max_faces + 1))
     ids = rng.choice(len(synth), n, replace=False)
     H, W = size, int(round(size * rng.uniform(*aspect)))
-    image, boxes, landmarks, ids = synth.render_scene(rng, ids, (H, W))
+    image, boxes, landmarks, ids = synth.render_scene(rng, ids, (H, W), face_scale=face_scale)
     embeddings = np.stack([synth.image_embedding(int(i), rng) for i in ids])
     # The json crop: the stored jpg is this region of the canvas (all faces inside); a third are uncropped.
     ux0, uy0 = np.floor(boxes[:, :2].min(0)).astype(int)
