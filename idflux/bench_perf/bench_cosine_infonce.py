@@ -16,7 +16,7 @@ every row (no neg_index: the row-tiled kernel from 16 rows on; ``gathered_ce`` i
 normalise + matmul + cross-entropy) at N in {64, 256}, M in {4096, 65536}, bf16. Providers that gather
 are left out where the fp32 (N, M, D) tensor would pass 12 GiB (N = 256, M = 65536): they would
 not fit an 80 GB card with their backward. bytes = bank rows read (N*M*D*elt) + g and pos
-(+ their gradients for fwd+bwd); flops = 2*N*M*D per pass over the candidates (similarities in
+(+ their gradients for bwd and fwd+bwd); flops = 2*N*M*D per pass over the candidates (similarities in
 the forward, the softmax-weighted sum in the backward).
 """
 
@@ -122,7 +122,9 @@ def cases(device: torch.device, quick: bool) -> Iterator[Case]:
             fns = mode_fns(forwards[provider], [g, pos])
             for mode in MODES:
                 passes = 2 if mode == "fwd+bwd" else 1
-                nbytes = None if mode == "bwd" else read + io * passes
+                # fwd: the candidate rows once + g, pos; bwd: the rows again + g, pos read and their
+                # gradients written; fwd+bwd: one read of the rows (the bound of a fused pass) + both
+                nbytes = read + io * (2 if mode != "fwd" else 1)
                 yield Case(op=OP, provider=provider, mode=mode, shape=shape, dtype=dt, fn=fns[mode],
                            flops=2.0 * N * M * D * passes, bytes=nbytes, note=note, graph=provider in CAPTURABLE)
             del fns

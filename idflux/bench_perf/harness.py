@@ -3,9 +3,11 @@
 Each ``bench_<op>.py`` exposes ``cases(device, quick) -> Iterator[Case]`` (a generator, so the
 tensors of one case are freed before the next is built) and ``SUMMARY``: the pairs
 ``(provider, baseline)`` whose speed ratio the run reports. The harness times each case
-(``triton.testing.do_bench`` on CUDA, a repeat timer on CPU), records median and 20/80 percentiles,
-peak memory (CUDA), useful TFLOP/s and GB/s where the case states its work, and the run's
-device, versions and commit.
+(``triton.testing.do_bench`` on CUDA, ``torch.utils.benchmark.Timer.blocked_autorange`` with a fixed
+thread count on CPU), records median and 20/80 percentiles and their spread, peak memory (CUDA),
+the work (FLOPs, bytes), useful TFLOP/s and GB/s, the percentage of the device's bound reached
+(:data:`DEVICE_PEAKS`), the host's load and CPU count at each case's start and end, and the run's
+device, versions and commit (also from a copy without ``.git``: :func:`git_commit`).
 
 Two times on CUDA. ``ms`` is what a Python caller sees (do_bench: launches, host-side work and any
 host sync included). ``ms_device`` (cases marked ``graph=True``: no host sync inside) replays the
@@ -113,21 +115,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, *, min_reps: int = 3, budget_s: float = 1.0) -> tuple[float, float, float]:
-    """(median, p20, p80) in milliseconds."""
+def time_fn(fn: Callable[[], object], device: torch.device, *, min_reps: int = 3, budget_s: float = 1.0,
+            threads: int | None = None) -> tuple[float, float, float]:
+    """(median, p20, p80) in milliseconds.
+
+    CUDA: ``triton.testing.do_bench`` (CUDA events, its own warm-up). CPU: ``torch.utils.benchmark``'s
+    ``Timer.blocked_autorange`` with ``threads`` torch threads (default: the current setting), at least
+    ``min_reps`` blocks and ``budget_s`` seconds; each block's time per call is one sample.
+    """
     if device.type == "cuda":
         import triton.testing
 
         med, p20, p80 = triton.testing.do_bench(fn, warmup=10, rep=50, quantiles=[0.5, 0.2, 0.8])
         return float(med), float(p20), float(p80)
-    fn()  # warm-up: first-call allocations, lazy init
-    samples: list[float] = []
-    start = time.perf_counter()
-    while len(samples) < min_reps or (time.perf_counter() - start < budget_s and len(samples) < 50):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    samples.sort()
+    from torch.utils import benchmark
+
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads or torch.get_num_threads())
+    measurement = timer.blocked_autorange(min_run_time=budget_s)
+    samples = list(measurement.times)
+    while len(samples) < min_reps:
+        samples += timer.timeit(measurement.number_per_run).times
+    samples = sorted(t * 1e3 for t in samples)
     q = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
     return statistics.median(samples), q[1], q[7]
 
@@ -186,14 +194,127 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+COMMIT_ENV = "IDFLUX_COMMIT"
+COMMIT_FILE = "COMMIT"  # written beside the carried wheels (.whl/COMMIT) or at the repository root
+
+
+def source_hash(root: str | os.PathLike | None = None) -> str:
+    """sha256 (12 hex digits) over the package's ``*.py`` and ``*.sh`` files, paths included: what
+    identifies an installed or copied tree that has no ``.git``."""
+    import hashlib
+
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".sh") and "__pycache__" not in p.parts):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def git_commit() -> str:
+    """The commit the run measures: ``$IDFLUX_COMMIT`` (passed in by the GPU suite), else ``git
+    rev-parse`` of this checkout (``-dirty`` if tracked files changed), else a ``COMMIT`` file at the
+    repository root or in ``.whl/`` (written here before a copy without ``.git`` is carried), else
+    ``<version>+src.<hash of the package source>`` for an installed copy."""
+    env = os.environ.get(COMMIT_ENV, "").strip()
+    if env:
+        return env
+    root = Path(__file__).resolve().parents[2]
     try:
-        root = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
+        if out.returncode == 0 and out.stdout.strip():
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5)
+            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        pass
+    for f in (root / COMMIT_FILE, root / ".whl" / COMMIT_FILE):
+        if f.is_file() and f.read_text().strip():
+            return f.read_text().strip().splitlines()[0]
+    try:
+        from importlib.metadata import version
+
+        ver = version("idflux")
+    except Exception:  # noqa: BLE001 - not installed: the source hash alone
+        ver = "0"
+    return f"{ver}+src.{source_hash()}"
+
+
+def host_load() -> dict:
+    """The host's 1-minute load average and CPU count (recorded at a case's start and end)."""
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except OSError:
+        load = None
+    return {"load": load, "cpus": os.cpu_count()}
+
+
+# Spread flag: a row whose p80/p20 exceeds this is marked NOISY in the printed table.
+SPREAD_LIMIT = float(os.environ.get("IDFLUX_BENCH_SPREAD", "1.25"))
+
+# Datasheet peaks (dense, no sparsity) and memory bandwidth of known devices: the bound a row is
+# held against. Matched by substring of the device name, first match wins; overridden by
+# $IDFLUX_PEAK_GBPS / $IDFLUX_PEAK_TFLOPS or ``idflux bench --peak-gbps/--peak-tflops``.
+# fp32 is the plain (non-tensor-core) rate; bf16/fp16 the tensor-core rate.
+DEVICE_PEAKS = {
+    "H200": {"gbps": 4800.0, "tflops": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}},
+    "H100 PCIe": {"gbps": 2000.0, "tflops": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}},
+    "H100": {"gbps": 3350.0, "tflops": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}},
+    "A100": {"gbps": 2039.0, "tflops": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}},
+    "L40S": {"gbps": 864.0, "tflops": {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6}},
+    "RTX 4090": {"gbps": 1008.0, "tflops": {"bf16": 165.0, "fp16": 165.0, "fp32": 82.6}},
+}
+_PEAK_OVERRIDE: dict = {}
+
+
+def set_peaks(gbps: float | None = None, tflops: float | None = None) -> None:
+    """Override the bandwidth (GB/s) and compute (TFLOP/s) bound for this process (None: keep)."""
+    for key, value in (("gbps", gbps), ("tflops", tflops)):
+        if value is not None:
+            if value <= 0:
+                raise ValueError(f"set_peaks: {key} must be > 0, got {value}")
+            _PEAK_OVERRIDE[key] = float(value)
+
+
+def device_peaks(device_name: str, dtype: str) -> dict:
+    """``{"gbps", "tflops", "source"}`` for a device name and dtype: an override (flag or env) or the
+    table of known devices; values unknown are None (a CPU, an unlisted GPU)."""
+    gbps = tflops = None
+    source = None
+    for key, spec in DEVICE_PEAKS.items():
+        if key.lower() in device_name.lower():
+            gbps, tflops, source = spec["gbps"], spec["tflops"].get(dtype), f"table:{key}"
+            break
+    for key, env in (("gbps", "IDFLUX_PEAK_GBPS"), ("tflops", "IDFLUX_PEAK_TFLOPS")):
+        value = _PEAK_OVERRIDE.get(key) or (float(os.environ[env]) if os.environ.get(env) else None)
+        if value:
+            if key == "gbps":
+                gbps = value
+            else:
+                tflops = value
+            source = "override"
+    return {"gbps": gbps, "tflops": tflops, "source": source}
+
+
+def bound_fields(row: dict) -> dict:
+    """The row's bound: the larger of bytes / bandwidth and FLOPs / peak (ms), which one limits,
+    and the percentage of it reached by the eager time (``pct_bound``) and the CUDA-graph device
+    time (``pct_bound_device``). Empty where neither the work nor the device's peaks are known."""
+    peaks = device_peaks(row.get("device_name", ""), row.get("dtype", ""))
+    terms = {}
+    if row.get("bytes") and peaks["gbps"]:
+        terms["memory"] = row["bytes"] / (peaks["gbps"] * 1e9) * 1e3
+    if row.get("flops") and peaks["tflops"]:
+        terms["compute"] = row["flops"] / (peaks["tflops"] * 1e12) * 1e3
+    if not terms:
+        return {}
+    kind = max(terms, key=terms.get)
+    out = {"bound_ms": terms[kind], "bound_kind": kind, "peak_gbps": peaks["gbps"], "peak_tflops": peaks["tflops"],
+           "peaks_from": peaks["source"]}
+    for key, suffix in (("ms", ""), ("ms_device", "_device")):
+        if row.get(key):
+            out["pct_bound" + suffix] = 100.0 * terms[kind] / row[key]
+    return out
 
 
 def cpu_name() -> str:
@@ -222,6 +343,7 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "commit": git_commit(),
         "python": platform.python_version(),
+        "cpus": os.cpu_count(),
     }
 
 
@@ -235,9 +357,18 @@ def time_limited(cases: Iterable[Case], seconds: float, *, log: Callable[[str], 
         yield case
 
 
-def run_cases(cases: Iterable[Case], device: torch.device, *, budget_s: float = 1.0, log: Callable[[str], None] = print) -> list[dict]:
-    """Time every case; a case that fails records its error instead of stopping the run."""
+def run_cases(cases: Iterable[Case], device: torch.device, *, budget_s: float = 1.0, log: Callable[[str], None] = print,
+              threads: int | None = None) -> list[dict]:
+    """Time every case; a case that fails records its error instead of stopping the run.
+
+    Each row records, beside the times: the work (``flops``, ``bytes``) and the device bound it
+    reached (:func:`bound_fields`), the first call's time (``warm_s``: Triton compiles, autotuning,
+    lazy init; never part of the timed samples), torch's thread count (``threads``), the host's
+    load average and CPU count at the case's start and end (``load_start``, ``load_end``), and the
+    spread ``p80 / p20`` of its samples (``noisy`` when above :data:`SPREAD_LIMIT`).
+    """
     env = environment(device)
+    threads = threads or torch.get_num_threads()
     rows = []
     cases = iter(cases)
     while True:
@@ -252,13 +383,21 @@ def run_cases(cases: Iterable[Case], device: torch.device, *, budget_s: float = 
             break
         row = {
             "op": case.op, "provider": case.provider, "mode": case.mode, "shape": case.shape, "dtype": case.dtype,
-            **env, "note": case.note, **case.extra,
+            **env, "threads": threads, "flops": case.flops, "bytes": case.bytes, "note": case.note, **case.extra,
         }
+        start = host_load()
+        row["load_start"] = start["load"]
         try:
-            ms, p20, p80 = time_fn(case.fn, device, budget_s=budget_s)
+            t0 = time.perf_counter()
+            case.fn()
+            _sync(device)
+            row["warm_s"] = time.perf_counter() - t0
+            ms, p20, p80 = time_fn(case.fn, device, budget_s=budget_s, threads=threads)
             row.update(ms=ms, ms_p20=p20, ms_p80=p80, peak_mem_mb=peak_memory_mb(case.fn, device))
             row["tflops"] = case.flops / (ms * 1e-3) / 1e12 if case.flops else None
             row["gbps"] = case.bytes / (ms * 1e-3) / 1e9 if case.bytes else None
+            row["spread"] = p80 / p20 if p20 > 0 else None
+            row["noisy"] = bool(row["spread"] and row["spread"] > SPREAD_LIMIT)
         except Exception as exc:  # noqa: BLE001 - a broken provider is a row, not a crash
             row.update(ms=None, error=f"{type(exc).__name__}: {exc}")
         if case.graph and device.type == "cuda" and row.get("ms"):
@@ -266,12 +405,25 @@ def run_cases(cases: Iterable[Case], device: torch.device, *, budget_s: float = 
                 md, d20, d80 = graph_time_fn(case.fn, device)
                 row.update(ms_device=md, ms_device_p20=d20, ms_device_p80=d80)
                 row["gbps_device"] = case.bytes / (md * 1e-3) / 1e9 if case.bytes else None
+                row["spread_device"] = d80 / d20 if d20 > 0 else None
             except Exception as exc:  # noqa: BLE001 - recorded; the eager time stands
                 row["graph_error"] = f"{type(exc).__name__}: {exc}"
+        row["load_end"] = host_load()["load"]
+        row.update(bound_fields(row))
         rows.append(row)
         log(format_row(row))
         case.fn = None  # drop references to the case's tensors before the next is built
     return rows
+
+
+def load_warning(rows: list[dict]) -> str | None:
+    """A line to print when the host was busy during the run (load above half its CPUs)."""
+    loads = [r.get(k) for r in rows for k in ("load_start", "load_end") if r.get(k) is not None]
+    cpus = next((r.get("cpus") for r in rows if r.get("cpus")), None)
+    if loads and cpus and max(loads) > 0.5 * cpus:
+        return (f"# warning: host load average up to {max(loads):.2f} on {cpus} CPUs during this run: "
+                "CPU times are inflated and noisy (see each row's load_start/load_end and spread)")
+    return None
 
 
 def shape_label(shape: dict) -> str:
@@ -290,6 +442,11 @@ def format_row(row: dict) -> str:
         extra += f" {row['peak_mem_mb']:9.1f} MiB"
     if row.get("ms_device") is not None:
         extra += f" | device {row['ms_device']:.4f} ms (CUDA graph)"
+    if row.get("pct_bound_device") is not None or row.get("pct_bound") is not None:
+        pct = row.get("pct_bound_device") if row.get("pct_bound_device") is not None else row["pct_bound"]
+        extra += f" | {pct:.1f}% of {row['bound_kind']} bound"
+    if row.get("spread"):
+        extra += f" x{row['spread']:.2f}" + (" NOISY" if row.get("noisy") else "")
     return (f"{row['op']:<17} {row['provider']:<24} {row['mode']:<8} {row['dtype']:<5} {shape_label(row['shape'])}"
             f"  {row['ms']:10.3f} ms [{row['ms_p20']:.3f}, {row['ms_p80']:.3f}]{extra}")
 
@@ -389,6 +546,8 @@ def goal_report(rows: list[dict], goals: Sequence[Goal]) -> list[dict]:
             entry = {"issue": g.issue, "goal": g.text, "op": op, "provider": prov, "baseline": g.baseline, "mode": mode,
                      "baseline_mode": g.baseline_mode or mode,
                      "shape": json.loads(shape), "dtype": dtype, "metric": g.metric, "bound": g.bound}
+            entry["pct_bound"], entry["pct_bound_device"] = row.get("pct_bound"), row.get("pct_bound_device")
+            entry["bound_kind"] = row.get("bound_kind")
             for key, suffix in (("ms", ""), ("ms_device", "_device")):
                 value = _goal_value(g, row, base, key)
                 entry["value" + suffix] = value
@@ -401,13 +560,36 @@ def goal_lines(report: list[dict]) -> list[str]:
     """The report as printable lines: goal, case, eager ratio and device ratio with met / NOT MET."""
     def verdict(value, met):
         return "-" if value is None else f"{value:.2f}x {'met' if met else 'NOT MET'}"
+    def pct(e):
+        eager, device = e.get("pct_bound"), e.get("pct_bound_device")
+        if eager is None and device is None:
+            return ""
+        parts = [f"eager {eager:.1f}%" if eager is not None else None, f"device {device:.1f}%" if device is not None else None]
+        return f"  [{', '.join(p for p in parts if p)} of the {e.get('bound_kind')} bound]"
     lines = []
     for e in report:
         sign = "<=" if e["metric"] == "slowdown" else ">="
         lines.append(f"#{e['issue']} {e['op']:<16} {e['provider']} vs {e['baseline']} {e['mode']} {e['dtype']} "
                      f"{shape_label(e['shape'])}: {e['metric']} {sign} {e['bound']:g}  eager {verdict(e['value'], e['met'])}"
-                     f"  device {verdict(e['value_device'], e['met_device'])}")
+                     f"  device {verdict(e['value_device'], e['met_device'])}{pct(e)}")
     return lines
+
+
+def goal_markdown(report: list[dict]) -> str:
+    """The goal table as Markdown (written beside the JSON after every op of a goal run)."""
+    def cell(value, met):
+        return "-" if value is None else f"{value:.2f}x {'met' if met else '**NOT MET**'}"
+
+    def pct(value):
+        return "-" if value is None else f"{value:.1f}%"
+    out = ["| issue | op | ours vs baseline | mode | dtype | shape | goal | eager | device (CUDA graph) | % of bound eager | % of bound device |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in report:
+        sign = "<=" if e["metric"] == "slowdown" else ">="
+        out.append(f"| {e['issue']} | {e['op']} | {e['provider']} vs {e['baseline']} | {e['mode']} | {e['dtype']} | "
+                   f"{shape_label(e['shape'])} | {e['metric']} {sign} {e['bound']:g} | {cell(e['value'], e['met'])} | "
+                   f"{cell(e['value_device'], e['met_device'])} | {pct(e.get('pct_bound'))} | {pct(e.get('pct_bound_device'))} |")
+    return "\n".join(out) + "\n"
 
 
 def write_results(path: str | os.PathLike, rows: list[dict], summary: list[dict],
