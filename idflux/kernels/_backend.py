@@ -62,6 +62,20 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     raise RuntimeError(f"{op}: no Triton kernel for device {device}; use backend='torch'")
 
 
+def check_interpreter_dtype(op: str, dtype: torch.dtype, device: torch.device) -> None:
+    """Raise ValueError where Triton's interpreter would return wrong values: bf16 tensors on the CPU.
+
+    The interpreter runs a kernel's arithmetic in numpy, which has no bfloat16: bf16 loads, dots
+    and stores come out wrong (not merely imprecise). fp32 and fp16 are exact there; compiled
+    kernels on CUDA handle bf16. Call it on the path that is about to launch a kernel
+    (``resolve_backend`` returned ``"triton"``)."""
+    if dtype == torch.bfloat16 and device.type == "cpu" and INTERPRET:
+        raise ValueError(
+            f"{op}: backend='triton' on CPU tensors runs Triton's interpreter, which computes bf16 wrongly "
+            "(numpy has no bfloat16); pass fp32 or fp16 tensors there, use backend='torch' (or 'auto') for bf16 "
+            "on the CPU, or move the tensors to CUDA")
+
+
 def backend_report() -> dict[str, str]:
     """Which implementation ``backend='auto'`` takes for each op, for CPU and CUDA tensors."""
     cuda = torch.cuda.is_available()
