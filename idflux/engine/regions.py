@@ -46,22 +46,36 @@ def boxes_to_membership(boxes: Sequence[Sequence[Sequence[float]]], height: int,
 MAX_REFERENCES = 4
 
 
-def parse_boxes(boxes: Sequence[Sequence[float]], n_refs: int, height: int, width: int, *,
+def parse_boxes(boxes: Sequence[Sequence[float]] | None, n_refs: int, height: int, width: int, *,
                 max_refs: int = MAX_REFERENCES) -> list[tuple[float, float, float, float]]:
     """Validate one image's boxes and return them in output pixels.
 
     Boxes are (x1, y1, x2, y2) in output pixels, or all normalised to 0..1 (then every coordinate
-    of every box is <= 1). One box per reference, in reference order.
+    of every box is <= 1). One box per reference, in reference order. ``boxes=None`` puts every
+    reference on the whole image (the released default without boxes: every token may take
+    identity from every reference). A box may reach past the image (it is clipped to it), but not
+    lie wholly outside it; coordinates must be finite.
     """
+    if n_refs < 1:
+        raise ValueError("boxes: no reference given; pass at least one reference image")
     if n_refs > max_refs:
         raise ValueError(f"boxes: {n_refs} references given, at most {max_refs} are supported")
+    if boxes is None:
+        return [(0.0, 0.0, float(width), float(height))] * n_refs
     if len(boxes) != n_refs:
-        raise ValueError(f"boxes: {len(boxes)} boxes for {n_refs} references; give exactly one box per reference")
+        raise ValueError(f"boxes: {len(boxes)} boxes for {n_refs} references; give exactly one box per reference "
+                         "(or boxes=None to put every reference on the whole image)")
     parsed = []
     for i, box in enumerate(boxes):
+        try:
+            box = tuple(float(c) for c in box)
+        except (TypeError, ValueError):
+            raise ValueError(f"boxes[{i}] must be four numbers (x1, y1, x2, y2), got {box!r}") from None
         if len(box) != 4:
             raise ValueError(f"boxes[{i}] must be (x1, y1, x2, y2), got {box!r}")
-        parsed.append(tuple(float(c) for c in box))
+        if not all(math.isfinite(c) for c in box):
+            raise ValueError(f"boxes[{i}] = {box} has a non-finite coordinate; give finite pixels or 0..1 fractions")
+        parsed.append(box)
     normalised = all(0.0 <= c <= 1.0 for box in parsed for c in box)
     out = []
     for i, (x1, y1, x2, y2) in enumerate(parsed):

@@ -20,9 +20,12 @@ def sampling_mu(height: int, width: int, *, released_parity: bool = False) -> fl
     """mu for an image of ``height`` x ``width`` pixels.
 
     By default from the true token count (H/16)(W/16). ``released_parity`` reproduces the released
-    inference, which passes (W/8)(H/8)/256 instead (mu ~0.47 at 1024^2), for parity with its images.
+    inference, which passes the floor-divided ``(W/8)(H/8) // 256`` instead (mu ~0.47 at 1024^2;
+    at 720^2 it is 31, not 31.64), for parity with its images.
     """
-    n = (height // 8) * (width // 8) / 256 if released_parity else (height // 16) * (width // 16)
+    if height < 16 or width < 16 or height % 16 or width % 16:
+        raise ValueError(f"sampling_mu: height and width must be positive multiples of 16, got {height}x{width}")
+    n = (height // 8) * (width // 8) // 256 if released_parity else (height // 16) * (width // 16)
     return flux_mu(n)
 
 
@@ -42,8 +45,13 @@ def schedule(steps: int, mu: float) -> torch.Tensor:
 
 @torch.no_grad()
 def euler_sample(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor, times: torch.Tensor,
-                 *, progress: bool = True) -> torch.Tensor:
-    """Integrate dx/dt = v(x, t) from t = times[0] (noise) to times[-1]: x += (t_next - t) * v."""
+                 *, progress: bool = True,
+                 callback: Callable[[int, float, torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Integrate dx/dt = v(x, t) from t = times[0] (noise) to times[-1]: x += (t_next - t) * v.
+
+    ``callback(i, t, x)`` runs after step i (t its start time, x the new state); a tensor it
+    returns replaces x (diffusers' ``callback_on_step_end`` convention).
+    """
     x = noise
     steps = range(len(times) - 1)
     for i in tqdm(steps, desc="denoising", disable=not progress, leave=False):
@@ -51,4 +59,8 @@ def euler_sample(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
         v = velocity(x, tt)
         x = x + (t_next - t) * v.to(x.dtype)
+        if callback is not None:
+            replaced = callback(i, t, x)
+            if replaced is not None:
+                x = replaced
     return x

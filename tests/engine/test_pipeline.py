@@ -26,7 +26,7 @@ def test_tiny_generate_is_deterministic_and_written(tmp_path):
     assert not torch.equal(a, c)
     out = save_generation(a, s, tmp_path / "img.png")
     assert out.stat().st_size > 100
-    assert json.loads((tmp_path / "img.json").read_text())["seed"] == 7
+    assert json.loads((tmp_path / "img.png.json").read_text())["seed"] == 7
 
 
 def test_identity_only_changes_boxed_tokens_through_adapter():
