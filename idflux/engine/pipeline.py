@@ -98,14 +98,13 @@ class Pipeline:
             raise ValueError(f"Pipeline: cuda_graph=True needs a CUDA device, got device={self.device}; "
                              "drop cuda_graph on this device")
         self.cuda_graph = cuda_graph
+        if fp8:  # on the CPU, before the move: the full-precision transformer never reaches the device
+            store_linears_fp8(parts.transformer)
         for m in (parts.transformer, parts.vae, parts.clip, parts.t5, adapter):
             if any(p.dtype != dtype for p in m.parameters()):
                 m.to(dtype)
             if not (offload and m in (parts.vae, parts.clip, parts.t5)):
                 m.to(self.device)
-        if fp8:
-            store_linears_fp8(parts.transformer)
-            parts.transformer.to(self.device)
 
     @classmethod
     def tiny(cls, seed: int = 0, **kw) -> "Pipeline":
