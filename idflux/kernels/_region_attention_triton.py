@@ -133,7 +133,9 @@ def _region_attention_fwd(
                 p = tl.exp2(s - m_safe[:, None])
                 alpha = tl.exp2(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + _dot(p, v, IEEE)
+                # Rows outside box r have p = 0, but 0 * NaN = NaN: a non-finite value of r must
+                # not reach them, so their product is dropped, not added.
+                acc = acc * alpha[:, None] + tl.where(bit[:, None] == 1, _dot(p, v, IEEE), 0.0)
                 m_i = m_new
     has = l_i > 0
     l_safe = tl.where(has, l_i, 1.0)
@@ -189,8 +191,10 @@ def _region_attention_bwd(
                                                   stride_vb, stride_vh, stride_vn, BLOCK_N)
                 valid = (bit[:, None] == 1) & col_mask[None, :]
                 p = tl.exp2(_scores(q, k, valid, qk_scale, IEEE) - lse[:, None])
-                ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None]) * sm_scale
-                dq += _dot(ds, k, IEEE)
+                # where(valid): a row with a NaN output (it sees a non-finite value elsewhere) has a
+                # NaN delta, and 0 * NaN must not reach the keys it does not see
+                ds = tl.where(valid, p * (_dot(do, tl.trans(v), IEEE) - delta[:, None]) * sm_scale, 0.0)
+                dq += tl.where(bit[:, None] == 1, _dot(ds, k, IEEE), 0.0)  # (as in the forward)
                 if ATOMIC_DKDV:
                     dv = _dot(tl.trans(p), do, IEEE)
                     dk = _dot(tl.trans(ds), q, IEEE)
@@ -253,7 +257,7 @@ def _region_attention_bwd_dkdv(
         delta = tl.load(DELTA + l_off, mask=row_mask, other=0.0)
         valid = (bit[:, None] == 1) & col_mask[None, :]
         p = tl.exp2(_scores(q, k, valid, qk_scale, IEEE) - lse[:, None])
-        ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None]) * sm_scale
+        ds = tl.where(valid, p * (_dot(do, tl.trans(v), IEEE) - delta[:, None]) * sm_scale, 0.0)  # (see the dq kernel)
         dv += _dot(tl.trans(p), do, IEEE)
         dk += _dot(tl.trans(ds), q, IEEE)
     out = b * stride_gb + h * stride_gh + cols[:, None] * stride_gn + d[None, :]

@@ -60,6 +60,8 @@ def _check_common(fn, q, k, v, membership, ref_offsets, scale, H, D):
         _fail(fn, f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if k.shape[1] != H or k.shape[3] != D:
         _fail(fn, f"k must be (B, H={H}, Nkv, D={D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if D == 0:
+        _fail(fn, f"the head dim D = q.shape[-1] is 0 (q {tuple(q.shape)}); q, k and v need at least one feature")
     for name, t in (("k", k), ("v", v), ("membership", membership), ("ref_offsets", ref_offsets)):
         if t.device != q.device:
             _fail(fn, f"{name} is on {t.device} but q is on {q.device}; move all inputs to one device")
@@ -584,6 +586,7 @@ def _kernel_ready(fn, q, membership):
         _fail(fn, f"the Triton kernel takes fp32, fp16 or bf16, got {q.dtype}; cast q, k, v or use backend='torch'")
     if not HAS_TRITON:
         raise RuntimeError(f"{fn}: the Triton backend needs the triton package")
+    _backend.check_interpreter_dtype(fn, q.dtype, q.device)
     return membership if membership.dtype in (torch.int32, torch.int64) else membership.to(torch.int32)
 
 

@@ -801,3 +801,89 @@ def test_checked_layout_checks_the_host_values_and_shapes():
     pm[0] = 1 << 5  # changed in place after the check: the next call checks again
     with pytest.raises(ValueError, match="membership has bits beyond"):
         region_attention_packed(q, k, v, pm, b_idx, offs, backend="torch")
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 15: masked keys contribute nothing (NaN included), in-place layout edits, bf16 on the
+# interpreter, D = 0
+# ---------------------------------------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("poison", ["v", "k", "v_inf"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_non_finite_keys_of_one_reference_stay_out_of_tokens_that_do_not_see_it(poison, packed):
+    """Tokens of reference 0 and of reference 1 share a tile; reference 1's values (or keys) hold
+    NaN / inf. The tokens that see only reference 0 must come out exactly as the reference computes
+    them (finite), forward and every gradient, as on the torch path."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, mem, offs = random_case(1, 2, 20, 16, [[6, 5]], gen=gen, device=KDEV)
+    mem[0] = torch.tensor([1, 2] * 10)  # one tile, both patterns
+    bad = {"v": (v, float("nan")), "k": (k, float("nan")), "v_inf": (v, float("inf"))}[poison]
+    bad[0][0, :, 7, 3] = bad[1]  # a key of reference 1
+    if packed:
+        qq = q[0].transpose(0, 1).clone()
+        args = (mem[0], torch.zeros(20, dtype=torch.long, device=KDEV), offs)
+        call = lambda a, b, c, backend: region_attention_packed(a, b, c, *args, backend=backend)  # noqa: E731
+        rows = lambda t: t[mem[0] == 1]  # noqa: E731
+    else:
+        qq = q
+        call = lambda a, b, c, backend: region_attention(a, b, c, mem, offs, backend=backend)  # noqa: E731
+        rows = lambda t: t[:, :, mem[0] == 1]  # noqa: E731
+    ours = [t.clone().requires_grad_() for t in (qq, k, v)]
+    theirs = [t.detach().double().requires_grad_() for t in (qq, k, v)]
+    out, ref = call(*ours, "triton"), call(*theirs, "torch")
+    assert torch.isfinite(rows(ref)).all()
+    torch.testing.assert_close(rows(out).double(), rows(ref), atol=2e-5, rtol=1e-4, msg="out of reference-0 tokens")
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(KDEV)
+    g = torch.where(torch.isfinite(ref), g, torch.zeros_like(g))  # no upstream gradient through the poisoned rows
+    got = torch.autograd.grad(out, ours, g.to(out.dtype))
+    want = torch.autograd.grad(ref, theirs, g)
+    torch.testing.assert_close(rows(got[0]).double(), rows(want[0]), atol=3e-5, rtol=1e-4, msg="dq of reference-0 tokens")
+    for name, a, w in zip(("dk", "dv"), got[1:], want[1:]):
+        torch.testing.assert_close(a[..., :6, :].double(), w[..., :6, :], atol=3e-5, rtol=1e-4, msg=f"{name} of reference 0")
+
+
+@needs_triton
+@pytest.mark.parametrize("what", ["ref_offsets", "membership"])
+def test_in_place_layout_edit_after_a_triton_call_is_checked_again(what):
+    """The layout cache keys on the tensors' version counters: an in-place edit after a first call
+    is checked again, so the kernels never read past k/v with stale offsets."""
+    q, k, v, mem, offs = random_case(1, 1, 6, 16, [[3, 2]], device=KDEV)
+    region_attention(q, k, v, mem, offs, backend="triton")
+    if what == "ref_offsets":
+        offs[0, 2] = 40  # past Nkv = 5
+        match = "ref_offsets must lie in"
+    else:
+        mem[0, 0] = 4  # bit 2, beyond R = 2
+        match = "membership has bits beyond"
+    with pytest.raises(ValueError, match=match):
+        region_attention(q, k, v, mem, offs, backend="triton")
+    b_idx = torch.zeros(6, dtype=torch.long, device=KDEV)
+    with pytest.raises(ValueError, match=match):
+        region_attention_packed(q[0].transpose(0, 1), k, v, mem[0], b_idx, offs, backend="triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("packed", [False, True])
+def test_bf16_on_the_interpreter_is_refused(monkeypatch, packed):
+    from idflux.kernels import _backend
+
+    monkeypatch.setattr(_backend, "INTERPRET", True)
+    q, k, v, mem, offs = random_case(1, 1, 6, 16, [[3, 2]], dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="interpreter.*bf16"):
+        if packed:
+            region_attention_packed(q[0].transpose(0, 1), k, v, mem[0], torch.zeros(6, dtype=torch.long), offs, backend="triton")
+        else:
+            region_attention(q, k, v, mem, offs, backend="triton")
+    out = region_attention(q, k, v, mem, offs, backend="torch")  # the reference takes bf16
+    assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_zero_head_dim_is_a_clear_error(backend):
+    q, k, v = torch.randn(1, 2, 5, 0), torch.randn(1, 2, 4, 0), torch.randn(1, 2, 4, 0)
+    mem, offs = torch.ones(1, 5, dtype=torch.long), torch.tensor([[0, 4]])
+    with pytest.raises(ValueError, match="head dim"):
+        region_attention(q, k, v, mem, offs, backend=backend)
+    with pytest.raises(ValueError, match="head dim"):
+        region_attention_packed(q[0].transpose(0, 1), k, v, mem[0], torch.zeros(5, dtype=torch.long), offs, backend=backend)
