@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["idflux", "idflux.*"]),
-    package_data={"idflux": ["bench_perf/gpu_suite.sh"]},
+    # The trained tiny world (idflux/assets/tiny: safetensors, configs, tokenizers, manifest) ships in the package.
+    package_data={"idflux": ["bench_perf/gpu_suite.sh", "assets/tiny/*", "assets/tiny/*/*"]},
     install_requires=[
         # Install torch==2.13.0 first (the Makefile does): a bare range lets pip pull a multi-GB CUDA build.
         "torch>=2.5",

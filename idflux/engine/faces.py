@@ -441,3 +441,13 @@ def tiny_face_models(arc_dim: int = 32, siglip_dim: int = 24, siglip_tokens: int
         recognizer = IResNet(iresnet_tiny(embedding_dim=arc_dim)).eval().requires_grad_(False)
         siglip = SiglipFaceEncoder.tiny(hidden_size=siglip_dim, num_tokens=siglip_tokens)
     return CenterFaceDetector(recognizer), siglip
+
+
+def tiny_world_face_models(root=None) -> tuple[CenterFaceDetector, SiglipFaceEncoder]:
+    """The trained tiny world's face models: a :class:`CenterFaceDetector` over its pixel recogniser
+    (a reference photo is a square face crop, as the world's references are) and its SigLIP-branch
+    stand-in, loaded from ``root`` (default: the shipped ``idflux/assets/tiny``)."""
+    from idflux.engine.loading import load_tiny_world
+
+    world = load_tiny_world(root)
+    return CenterFaceDetector(world.recognizer), world.siglip

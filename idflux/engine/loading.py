@@ -808,3 +808,23 @@ def load_tiny_world(root: str | Path | None = None, *, dtype=torch.float32, veri
     adapter = root / "adapter.safetensors"
     return TinyWorld(parts, recognizer, siglip, tiny_world_adapter_config(parts.transformer, recognizer, siglip),
                      adapter if adapter.is_file() else None, root, manifest)
+
+
+def tiny_world_pipeline(root: str | Path | None = None, adapter: str | Path | None = None, **kw):
+    """(Pipeline, CenterFaceDetector, SiglipFaceEncoder) of the trained tiny world, with ``adapter``
+    (an idflux adapter file; default the world's shipped ``adapter.safetensors``). ``kw`` go to
+    :class:`idflux.engine.pipeline.Pipeline` (device, backend, offload, fp8, cuda_graph)."""
+    from idflux.engine.adapter import IdentityAdapter
+    from idflux.engine.faces import CenterFaceDetector
+    from idflux.engine.pipeline import Pipeline
+    from idflux.engine.weights import load_adapter
+
+    world = load_tiny_world(root)
+    path = adapter or world.adapter_path
+    if path is None:
+        raise FileNotFoundError(f"tiny world {world.root} ships no adapter.safetensors; pass an adapter file")
+    net = load_adapter(path)
+    if net.cfg != world.adapter_config:
+        raise ValueError(f"adapter {path}: its config {net.cfg} does not fit the tiny world ({world.adapter_config})")
+    assert isinstance(net, IdentityAdapter)
+    return Pipeline(world.parts, net, **kw), CenterFaceDetector(world.recognizer), world.siglip

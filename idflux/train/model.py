@@ -42,6 +42,24 @@ class TrainBatch:
     ref_images: list
 
 
+def init_adapter(adapter: IdentityAdapter, path) -> None:
+    """Load ``--adapter-init`` weights into ``adapter``: idflux's format (its config must match the
+    preset's) or the released ``withanyone.safetensors``; a missing file or a mismatch is an error."""
+    from safetensors import safe_open
+
+    from idflux.engine.weights import load_adapter, load_released_adapter
+
+    with safe_open(str(path), framework="pt") as f:
+        ours = (f.metadata() or {}).get("format") == "idflux-adapter"
+    if not ours:
+        load_released_adapter(adapter, path)
+        return
+    loaded = load_adapter(path)
+    if loaded.cfg != adapter.cfg:
+        raise ValueError(f"--adapter-init {path} holds an adapter of config {loaded.cfg}, the preset needs {adapter.cfg}")
+    adapter.load_state_dict(loaded.state_dict())
+
+
 class TrainModel(nn.Module):
     """Frozen parts + trainable adapter; ``adapter`` is the only module with trainable parameters."""
 
@@ -78,10 +96,16 @@ class TrainModel(nn.Module):
     def build(cls, cfg: TrainConfig) -> "TrainModel":
         torch.manual_seed(cfg.seed)
         if cfg.preset == "tiny":
-            parts = tiny_flux_parts(cfg.seed)
+            from idflux.engine.loading import tiny_world_available
+
+            if cfg.flux != "random" and (cfg.flux or tiny_world_available()):
+                return cls._build_tiny_world(cfg)
+            parts = tiny_flux_parts(cfg.seed)  # flux="random" or no world built: random models, for fast tests
             adapter = IdentityAdapter(tiny_adapter())
             recognizer = IResNet(iresnet_tiny(embedding_dim=adapter.cfg.arc_dim))
             siglip = SiglipFaceEncoder.tiny(hidden_size=adapter.cfg.siglip_dim, num_tokens=adapter.cfg.siglip_tokens)
+            if cfg.adapter_init:
+                init_adapter(adapter, cfg.adapter_init)
             return cls(parts, adapter, recognizer, siglip, cfg)
         if cfg.preset != "flux-dev":
             raise ValueError(f"preset must be 'tiny' or 'flux-dev', got {cfg.preset!r}")
@@ -94,13 +118,42 @@ class TrainModel(nn.Module):
         parts = load_flux(cfg.flux, dtype=dtype)
         adapter = IdentityAdapter(flux_dev_adapter())
         if cfg.adapter_init:
-            from idflux.engine.weights import load_released_adapter
-
-            load_released_adapter(adapter, cfg.adapter_init)
+            init_adapter(adapter, cfg.adapter_init)
         recognizer = IResNet.from_onnx(Path(cfg.face_models) / "glintr100.onnx")
         siglip = SiglipFaceEncoder.from_pretrained(cfg.siglip)
         bank = NegativeBank.from_gallery(Path(cfg.data) / "ref") if cfg.data and (Path(cfg.data) / "ref").is_dir() else None
         return cls(parts, adapter, recognizer, siglip, cfg, bank)
+
+    @classmethod
+    def _build_tiny_world(cls, cfg: TrainConfig) -> "TrainModel":
+        """The trained tiny world (``cfg.flux``: its folder, default the shipped one): frozen backbone,
+        VAE, text encoders, pixel recogniser and SigLIP stand-in from files; the adapter sized for them
+        (from ``cfg.adapter_init`` when given, an idflux adapter file); InfoNCE negatives are the
+        recogniser's embeddings of the gallery's pixels (``<data>/ref``) when there is one."""
+        from pathlib import Path
+
+        from idflux.engine.loading import load_tiny_world
+
+        world = load_tiny_world(cfg.flux)
+        torch.manual_seed(cfg.seed)
+        adapter = IdentityAdapter(world.adapter_config)
+        if cfg.adapter_init:
+            from idflux.engine.weights import load_adapter
+
+            init = load_adapter(cfg.adapter_init)
+            if init.cfg != adapter.cfg:
+                raise ValueError(f"adapter_init {cfg.adapter_init}: its config {init.cfg} does not fit the tiny world's "
+                                 f"{adapter.cfg}")
+            adapter.load_state_dict(init.state_dict())
+        bank = None
+        gallery = Path(cfg.data) / "ref" if cfg.data else None
+        if gallery is not None and gallery.is_dir():
+            from idflux.train.tiny_world import pixel_gallery_bank
+
+            bank = pixel_gallery_bank(gallery, world.recognizer)
+        model = cls(world.parts, adapter, world.recognizer, world.siglip, cfg, bank)
+        model.tiny_world = world.root  # what `idflux train` draws its held-out sample sheet with
+        return model
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,6 +62,12 @@ WORLD = {
 }
 
 STAGES = ("recognizer", "text", "vae", "transformer", "adapters")
+#: Fraction of each stage's data actually rendered (``--smoke`` shrinks it to check the build quickly).
+DATA_SCALE = 1.0
+
+
+def _n(count: int) -> int:
+    return max(16, int(round(count * DATA_SCALE)))
 
 
 # ------------------------------------------------------------------------------------------ the files
@@ -217,6 +223,23 @@ def face_crops(images: np.ndarray, landmarks: list, size: int = 112, jitter: flo
     return torch.cat(out).clamp(-1, 1)
 
 
+def reference_crops(images: np.ndarray, boxes: list, ref_size: int = 64) -> torch.Tensor:
+    """The faces as the tiny preset sees a reference: ``square_face_crop`` of the box at ``ref_size``
+    (as MultiIDDataset's references), then warped to 112 with the ArcFace template in the square (as
+    ``TrainModel.identity_inputs`` and ``CenterFaceDetector`` do). (F, 3, 112, 112) in [-1, 1]."""
+    from idflux.engine.faces import square_face_crop
+    from idflux.kernels import face_warp
+    from idflux.kernels.face_warp_ref import arcface_template
+
+    crops = [square_face_crop(images[i], b, out_size=ref_size) for i in range(len(images)) for b in boxes[i]]
+    out = []
+    lm = arcface_template(112, dtype=torch.float32) * ref_size / 112
+    for first in range(0, len(crops), 256):
+        x = torch.from_numpy(np.stack(crops[first:first + 256])).permute(0, 3, 1, 2).float()
+        out.append(face_warp(x, lm[None].expand(len(x), 5, 2).contiguous(), torch.arange(len(x)), value_range=(0.0, 255.0)))
+    return torch.cat(out).clamp(-1, 1)
+
+
 def augment_crops(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Colour (per-channel gain, brightness, contrast), blur (down-up sampling, as a decoder's) and noise."""
     n = x.shape[0]
@@ -232,6 +255,41 @@ def augment_crops(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         x = F.interpolate(F.interpolate(x, size=s // factor, mode="area"), size=s, mode="bilinear", align_corners=False)
     x = x + 0.03 * torch.rand(n, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)
     return x.clamp(-1, 1)
+
+
+def gallery_crops(folder: Path, ref_size: int = 64) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """A MultiID-2M gallery (``folder/<name>/*.jpg`` + json ``bboxes``) as reference-style crops:
+    (names sorted, crops (K, 3, 112, 112), ids (K,) = the name's position, the dataset's ids)."""
+    from PIL import Image
+
+    names, images, boxes, ids = [], [], [], []
+    for person in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        jpgs = sorted(person.glob("*.jpg"))
+        if not jpgs:
+            continue
+        for jpg in jpgs:
+            meta = json.loads(jpg.with_suffix(".json").read_text())
+            images.append(np.asarray(Image.open(jpg).convert("RGB")))
+            boxes.append([meta["bboxes"][0]])
+            ids.append(len(names))
+        names.append(person.name)
+    if not names:
+        raise FileNotFoundError(f"gallery {folder}: no <name>/*.jpg reference images")
+    return names, reference_crops(images, boxes, ref_size), torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def embed(recognizer, crops: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    p = next(recognizer.parameters())
+    return torch.cat([recognizer(crops[i:i + batch].to(p.device, p.dtype)).float().cpu() for i in range(0, len(crops), batch)])
+
+
+def pixel_gallery_bank(folder: Path, recognizer, ref_size: int = 64):
+    """InfoNCE negatives from pixels: the recogniser's embeddings of every gallery image's face."""
+    from idflux.losses import NegativeBank
+
+    names, crops, ids = gallery_crops(folder, ref_size)
+    return NegativeBank.from_arrays(embed(recognizer, crops), ids, names)
 
 
 # ------------------------------------------------------------------------------------ (a) recogniser
@@ -271,19 +329,35 @@ def verification(emb: torch.Tensor, labels: torch.Tensor, gallery_per_id: int = 
             "top1_identification": float(top1), "identities": int(len(gal)), "faces": int(len(e))}
 
 
+def cross_identification(ref: torch.Tensor, faces: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Top-1 identification of each face (landmark crop) against one gallery vector per identity made
+    from the mean of its reference-style crops, and the ROC AUC of reference-face pairs."""
+    r, f = F.normalize(ref.float(), dim=-1), F.normalize(faces.float(), dim=-1)
+    uniq = labels.unique()
+    gal = F.normalize(torch.stack([r[labels == u].mean(0) for u in uniq]), dim=-1)
+    top1 = (uniq[(f @ gal.T).argmax(1)] == labels).double().mean()
+    sim = (r @ f.T).flatten()
+    same = (labels[:, None] == labels[None, :]).flatten()
+    gen, imp = sim[same], sim[~same]
+    auc = (gen[:, None] > imp[None, ::max(1, len(imp) // 20000)]).double().mean()
+    return {"top1_identification": float(top1), "roc_auc": float(auc), "identities": int(len(uniq))}
+
+
 def stage_recognizer(root: Path, steps: int = 500, seed: int = 11) -> dict:
     from idflux.engine.iresnet import IResNet
 
     t0 = time.time()
     torch.manual_seed(seed)
     train_ids = identities("train")
-    imgs, _, lms, ids, _ = render_scenes(train_ids, 3600, seed, 0xA1, max_faces=3)
-    crops = face_crops(imgs, lms, jitter=1.0, seed=seed)
-    labels = torch.as_tensor(np.concatenate(ids), dtype=torch.long)
+    imgs, boxes, lms, ids, _ = render_scenes(train_ids, _n(3600), seed, 0xA1, max_faces=3)
+    # Faces at their landmarks (generated and GT faces) and as references (square crops, template).
+    crops = torch.cat([face_crops(imgs, lms, jitter=1.0, seed=seed), reference_crops(imgs, boxes)])
+    labels = torch.as_tensor(np.concatenate(ids), dtype=torch.long).repeat(2)
     del imgs
     held = identities("heldout")
-    himgs, _, hlms, hids, _ = render_scenes(held, 400, seed, 0xA2, max_faces=3)
+    himgs, hboxes, hlms, hids, _ = render_scenes(held, _n(400), seed, 0xA2, max_faces=3)
     hcrops = face_crops(himgs, hlms, jitter=1.0, seed=seed + 1)
+    hrefs = reference_crops(himgs, hboxes)
     hlabels = torch.as_tensor(np.concatenate(hids), dtype=torch.long)
     _log(f"recognizer: {len(crops)} training crops of {len(train_ids)} identities, {len(hcrops)} held-out "
          f"({time.time() - t0:.0f} s)")
@@ -314,7 +388,9 @@ def stage_recognizer(root: Path, steps: int = 500, seed: int = 11) -> dict:
     net.eval()
     with torch.no_grad():
         emb = torch.cat([net(hcrops[i:i + 256]) for i in range(0, len(hcrops), 256)])
+        ref = torch.cat([net(hrefs[i:i + 256]) for i in range(0, len(hrefs), 256)])
     metrics = verification(emb, hlabels)
+    metrics["reference_to_face"] = cross_identification(ref, emb, hlabels)
     _log(f"recognizer held-out: {metrics}")
     folder = root / "recognizer"
     _atomic_json(folder / "config.json", asdict(net.config))
@@ -397,10 +473,10 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def stage_vae(root: Path, steps: int = 1200, seed: int = 13, crop: int = 80, batch: int = 12) -> dict:
     t0 = time.time()
     torch.manual_seed(seed)
-    imgs, boxes, _, _, _ = render_scenes(identities("train"), 2400, seed, 0xB1)
+    imgs, boxes, _, _, _ = render_scenes(identities("train"), _n(2400), seed, 0xB1)
     x_all = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
     w_all = _face_weight(len(imgs), WORLD["size"], boxes)
-    himgs, _, _, _, _ = render_scenes(identities("heldout"), 64, seed, 0xB2)
+    himgs, _, _, _, _ = render_scenes(identities("heldout"), _n(64), seed, 0xB2)
     hx = torch.from_numpy(himgs).permute(0, 3, 1, 2).float() / 127.5 - 1
     vae = vae_model()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
@@ -426,7 +502,7 @@ def stage_vae(root: Path, steps: int = 1200, seed: int = 13, crop: int = 80, bat
             _log(f"vae step {step} loss {loss.item():.4f} ({time.time() - t0:.0f} s)")
     vae.eval()
     with torch.no_grad():
-        lat = torch.cat([vae.encode(x_all[i:i + 32]).latent_dist.mode() for i in range(0, 256, 32)])
+        lat = torch.cat([vae.encode(x_all[i:i + 32]).latent_dist.mode() for i in range(0, min(256, len(x_all)), 32)])
         shift, scale = float(lat.mean()), float(1 / lat.std())
         rec = torch.cat([vae.decode(vae.encode(hx[i:i + 16]).latent_dist.mode()).sample for i in range(0, len(hx), 16)])
     vae.register_to_config(shift_factor=round(shift, 5), scaling_factor=round(scale, 5))
@@ -489,7 +565,7 @@ def encode_latents(vae, images: np.ndarray) -> torch.Tensor:
     return torch.cat(out)
 
 
-def stage_transformer(root: Path, steps: int = 5000, seed: int = 14, batch: int = 16, n_scenes: int = 6000,
+def stage_transformer(root: Path, steps: int = 4000, seed: int = 14, batch: int = 16, n_scenes: int = 6000,
                       lr: float = 1e-3, ema_decay: float = 0.999) -> dict:
     from idflux.engine.flux import image_ids, pack_latents
     from idflux.engine.sampling import sampling_mu
@@ -497,12 +573,12 @@ def stage_transformer(root: Path, steps: int = 5000, seed: int = 14, batch: int 
 
     t0 = time.time()
     torch.manual_seed(seed)
-    imgs, _, _, _, captions = render_scenes(identities("train"), n_scenes, seed, 0xC1)
+    imgs, _, _, _, captions = render_scenes(identities("train"), _n(n_scenes), seed, 0xC1)
     vae = load_vae(root)
     x0_all = pack_latents(encode_latents(vae, imgs))
     del imgs
     txt_all, pooled_all = encode_prompts(root, captions)
-    _log(f"transformer: {n_scenes} scenes encoded ({time.time() - t0:.0f} s); tokens {tuple(x0_all.shape[1:])}")
+    _log(f"transformer: {len(x0_all)} scenes encoded ({time.time() - t0:.0f} s); tokens {tuple(x0_all.shape[1:])}")
     model = transformer_model()
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -582,14 +658,22 @@ def main(argv=None) -> int:
     b.add_argument("--force", action="store_true", help="rebuild stages the manifest lists as done")
     b.add_argument("--steps", action="append", default=[], metavar="STAGE=N", help="override a stage's step count")
     b.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    b.add_argument("--smoke", action="store_true", help="2%% of the data (checks the build end to end; not a world to ship)")
     e = sub.add_parser("eval", help="evaluate the shipped world on the held-out MultiID-Bench")
     e.add_argument("--world", default=str(ASSETS))
     e.add_argument("--out", default="idflux/bench_perf/results/tiny_world")
     e.add_argument("--cases", type=int, default=60, help="bench cases (1-4 held-out people each)")
     e.add_argument("--threads", type=int, default=2)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("build", "eval", "-h", "--help"):
+    if not argv or argv[0] not in ("build", "eval", "demo", "-h", "--help"):
         argv = ["build", *argv]  # plain `python -m idflux.train.tiny_world [options]` builds
+    d = sub.add_parser("demo", help="train an adapter on the shipped world through the four-phase trainer, "
+                                    "then write the loss plot, a held-out sample sheet and summary.json")
+    d.add_argument("--out", default="runs/tiny", help="run folder (replaced)")
+    d.add_argument("--steps", type=int, default=160, help="optimizer steps over the four phases (default 160)")
+    d.add_argument("--batch-size", type=int, default=4)
+    d.add_argument("--samples", type=int, default=400, help="synthetic training samples to write (default 400)")
+    d.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.cmd == "build":
@@ -599,7 +683,15 @@ def main(argv=None) -> int:
             if name not in STAGES or not n.isdigit():
                 parser.error(f"--steps {item!r}: expected STAGE=N with STAGE in {', '.join(STAGES)}")
             steps[name] = int(n)
+        global DATA_SCALE
+        if args.smoke:
+            DATA_SCALE = 0.02
         build(Path(args.out), [s for s in args.stages.split(",") if s], args.force, steps)
+        return 0
+    if args.cmd == "demo":
+        from idflux.train.tiny_world_adapters import run_demo
+
+        run_demo(Path(args.out), steps=args.steps, batch_size=args.batch_size, n_samples=args.samples)
         return 0
     from idflux.train.tiny_world_eval import evaluate_world
 

@@ -185,3 +185,14 @@ def test_pure_python_fallback_matches_numba(monkeypatch):
     python = synth.render_scene(np.random.default_rng(1), [0, 2], (48, 64))
     for name, x, y in zip(("image", "boxes", "landmarks"), compiled, python):
         assert np.abs(x.astype(np.float64) - y.astype(np.float64)).max() <= 1, f"{name}: numba and Python paths differ"
+
+
+def test_face_scale_sets_the_head_size_and_is_checked():
+    synth = SyntheticIdentities(4, seed=0)
+    small = synth.render_scene(np.random.default_rng(3), [0, 1], 192)[1]
+    large = synth.render_scene(np.random.default_rng(3), [0, 1], 192, face_scale=0.9)[1]
+    width = lambda b: float(np.mean(b[:, 2] - b[:, 0]))  # noqa: E731
+    assert width(large) > 1.3 * width(small)
+    assert width(large) >= 64  # the tiny world's faces span >= 4 tokens of 16 pixels
+    with pytest.raises(ValueError, match="face_scale"):
+        synth.render_scene(np.random.default_rng(3), [0], 96, face_scale=1.5)
