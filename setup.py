@@ -25,6 +25,7 @@ setup(
         "matplotlib",
         "tqdm",
         "pillow",
+        "pyyaml",  # idflux train --config (yaml.safe_load)
         # insightface is installed with --no-deps (its own requirements pull opencv-python beside
         # opencv-python-headless); the Makefile does it after this package.
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -20,56 +21,125 @@ def add_train_parser(sub) -> None:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=("tiny", "flux-dev"), default="tiny")
-    p.add_argument("--data", help="MultiID-2M root (shards/ + ref/); tiny: synthetic data is generated when absent")
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of TrainConfig fields (any subset, phases included); "
+                                                    "the options below override it")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration (YAML, usable as --config) and exit")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any TrainConfig field, value in YAML (e.g. --set id_weight=0.2 --set 'sample_prompts=[a, b]'); repeatable")
+    p.add_argument("--preset", choices=("tiny", "flux-dev"), help="default: the config file's, else tiny")
+    p.add_argument("--data", help="MultiID-2M root (shards/ + ref/); tiny without --data: synthetic data under <out>/data")
+    p.add_argument("--synthetic-data", action="store_true",
+                   help="tiny: generate a synthetic set at --data when it has no shards/ (only into a new or empty folder)")
     p.add_argument("--out", help="run folder (default runs/<preset>)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true", help="continue from the run folder's newest valid checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace the run already in --out (refused without it)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
     p.add_argument("--batch-size", type=int, help="global batch (default: the preset's)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per step per process")
     p.add_argument("--size", type=int, help="training resolution (multiple of 16)")
-    p.add_argument("--ema", type=float, help="keep an EMA of the adapter with this decay")
+    p.add_argument("--lr", type=float, help="learning rate of every phase (per phase: --config or --set phases=...)")
+    p.add_argument("--checkpoint-every", type=int, help="optimizer steps between checkpoints")
+    p.add_argument("--ema", type=float, help="keep an EMA of the adapter with this decay, in [0, 1)")
     p.add_argument("--id-gating", choices=("all", "released"), help="identity-loss timestep gating")
     p.add_argument("--flux", help="FLUX.1-dev diffusers folder (flux-dev)")
     p.add_argument("--face-models", help="antelopev2 folder with glintr100.onnx (flux-dev)")
     p.add_argument("--siglip", help="SigLIP folder (flux-dev)")
-    p.add_argument("--adapter-init", help="start from these adapter weights")
+    p.add_argument("--adapter-init", help="start from these adapter weights (idflux adapter file or withanyone.safetensors)")
     p.add_argument("--shard-backbone", action="store_true",
                    help="under torchrun: shard the frozen FLUX transformer with FSDP2 instead of replicating it")
-    p.add_argument("--device", help="cpu or cuda (default: the preset's)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the preset's)")
+    p.add_argument("--seed", type=int, help="0 <= seed < 2^32")
     p.add_argument("--workers", type=int, help="DataLoader worker processes preparing batches ahead (default: the preset's; 0 = none)")
+    p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace (DIR/train_trace.json, Perfetto) with ranges "
+                                                   "per block, adapter block and kernel, and DIR/train_top.txt; keep --max-steps small")
+
+
+_FIELDS = (("data", "data"), ("batch_size", "batch_size"), ("grad_accum", "grad_accum"), ("size", "size"),
+           ("checkpoint_every", "checkpoint_every"), ("ema", "ema_decay"), ("id_gating", "id_gating"), ("flux", "flux"),
+           ("face_models", "face_models"), ("siglip", "siglip"), ("adapter_init", "adapter_init"), ("device", "device"),
+           ("seed", "seed"), ("workers", "num_workers"), ("out", "out"), ("preset", "preset"))
 
 
 def config_from_args(args) -> C.TrainConfig:
-    out = args.out or f"runs/{args.preset}"
-    cfg = C.tiny(out=out) if args.preset == "tiny" else C.flux_dev(out=out)
-    for arg, field in (("data", "data"), ("batch_size", "batch_size"), ("grad_accum", "grad_accum"), ("size", "size"),
-                       ("ema", "ema_decay"), ("id_gating", "id_gating"), ("flux", "flux"), ("face_models", "face_models"),
-                       ("siglip", "siglip"), ("adapter_init", "adapter_init"), ("device", "device"), ("seed", "seed"),
-                       ("workers", "num_workers")):
+    """The run's TrainConfig: preset, then ``--config``, then ``--set``, then the flags; validated
+    (:class:`idflux.train.config.ConfigError` names a bad field or key)."""
+    import yaml
+
+    file = C.load_config_file(args.config) if getattr(args, "config", None) else {}
+    overrides = {}
+    for item in getattr(args, "set", None) or []:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise C.ConfigError(f"--set {item!r}: expected KEY=VALUE (a TrainConfig field and a YAML value)")
+        try:
+            overrides[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise C.ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
+    for arg, field in _FIELDS:
         value = getattr(args, arg, None)
         if value is not None:
-            setattr(cfg, field, value)
+            overrides[field] = value
     if getattr(args, "shard_backbone", False):
-        cfg.shard_backbone = True
+        overrides["shard_backbone"] = True
+    if getattr(args, "synthetic_data", False):
+        overrides["synthetic_data"] = True
+    lr = getattr(args, "lr", None)
+    cfg = C.resolve(file=file, overrides={k: v for k, v in overrides.items()}, where=f"--config {args.config}"
+                    if getattr(args, "config", None) else "--config")
+    if lr is not None:
+        for phase in cfg.phases:
+            phase.lr = lr
+        cfg.validate()
+    max_steps = getattr(args, "max_steps", None)
+    if max_steps is not None and max_steps < 1:
+        raise C.ConfigError(f"max_steps (--max-steps) must be an int >= 1, got {max_steps}")
     return cfg
 
 
 def run_train(args) -> int:
+    if getattr(args, "profile", None):  # the whole command under torch.profiler (idflux.engine.profiling)
+        from idflux.engine.profiling import run_profiled
+
+        return run_profiled(run_train, args, "train")
+    import os
+    import sys
+
+    from idflux.train.checkpoint import CheckpointError, RunFolderError, run_lock
+    from idflux.train.data_pipeline import DataError
     from idflux.train.trainer import plot_losses, train
 
-    cfg = config_from_args(args)
-    result = train(cfg, resume=args.resume, max_steps=args.max_steps)
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    try:
+        cfg = config_from_args(args)
+    except C.ConfigError as exc:
+        print(f"idflux train: error: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "print_config", False):
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    out = Path(cfg.out)
-    plot = plot_losses(result["log"], out / "loss.png")
-    grid = sample_grid(result["model"], cfg, out / "samples.png", dataset=result["dataset"])
-    skipped = dict(getattr(result.get("dataset"), "skipped", {}) or {})
-    summary = {"step": result["step"], "checkpoint": str(result["checkpoint"]), "loss_plot": str(plot), "samples": str(grid),
-               "skipped_samples": skipped}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        # The lock covers the plot and the sample grid too (train() takes it again, re-entrantly).
+        with run_lock(cfg.out) if rank0 else contextlib.nullcontext():
+            result = train(cfg, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps)
+            if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+                return 0
+            out = Path(cfg.out)
+            plot = plot_losses(result["log"], out / "loss.png")
+            grid = sample_grid(result["model"], cfg, out / "samples.png", dataset=result["dataset"])
+            skipped = dict(getattr(result.get("dataset"), "skipped", {}) or {})
+            summary = {"step": result["step"], "checkpoint": str(result["checkpoint"]), "adapter": str(result["adapter"]),
+                       "loss_plot": str(plot), "samples": str(grid), "skipped_samples": skipped}
+            if getattr(result["model"], "tiny_world", None) is not None:  # trained tiny world: held-out sheet + metrics
+                from idflux.train.tiny_world_eval import demo_report
+
+                summary["tiny_world"] = demo_report(result["model"], out)
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    except (C.ConfigError, CheckpointError, RunFolderError, DataError) as exc:
+        print(f"idflux train: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, C.ConfigError) else 1
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -1,9 +1,17 @@
-"""Typed training configuration: the four-phase schedule and the presets."""
+"""Typed training configuration: the four-phase schedule, the presets, validation and config files.
+
+A run's configuration is a preset (:func:`tiny`, :func:`flux_dev`), then a config file's keys
+(:func:`load_config_file`: YAML or JSON, any subset of :class:`TrainConfig`'s fields), then command
+line overrides; :meth:`TrainConfig.validate` checks every field before any work starts.
+"""
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 
 @dataclass
@@ -40,7 +48,9 @@ class TrainConfig:
     out: str = "runs/tiny"
     """Run folder: checkpoints, log.jsonl, loss plot, samples."""
     data: str | None = None
-    """MultiID-2M root (shards/ + ref/); tiny: generated there when missing."""
+    """MultiID-2M root (shards/ + ref/); tiny: None means synthetic data under ``<out>/data``."""
+    synthetic_data: bool = False
+    """Tiny preset: generate a synthetic set at ``data`` when it has no shards/ (only into a new or empty folder)."""
     phases: list[Phase] = field(default_factory=lambda: paper_phases())
     batch_size: int = 32
     """Global batch (split over processes)."""
@@ -95,14 +105,219 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        d["phases"] = [Phase(**p) for p in d.get("phases", [])]
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:  # a config saved by another version (e.g. the removed, never-read log_every)
-            warnings.warn(f"TrainConfig.from_dict: ignoring unknown fields {unknown}", stacklevel=2)
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def from_dict(cls, d: dict, *, strict: bool = False) -> "TrainConfig":
+        """A config from :meth:`to_dict`'s form. Unknown keys (a config saved by another version, e.g.
+        the removed log_every) are warned about and ignored, or with ``strict`` an error naming them."""
+        return _apply(cls(phases=[]), d, strict=strict, where="TrainConfig.from_dict", fill_missing_phases=True)
+
+    def validate(self) -> "TrainConfig":
+        """Check every field (type and range); raises :class:`ConfigError` naming the field, its
+        command-line flag and the bad value. Returns self."""
+        for f in fields(self):
+            check = _CHECKS.get(f.name)
+            if check is not None:
+                problem = check(getattr(self, f.name))
+                if problem:
+                    raise ConfigError(f"{_label(f.name)} {problem}, got {getattr(self, f.name)!r}")
+        for i, ph in enumerate(self.phases):
+            for name, check in _PHASE_CHECKS.items():
+                problem = check(getattr(ph, name))
+                if problem:
+                    raise ConfigError(f"phases[{i}].{name} ({ph.name!r}) {problem}, got {getattr(ph, name)!r}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size (--batch-size) {self.batch_size} must be divisible by grad_accum (--grad-accum) "
+                              f"{self.grad_accum}")
+        if self.adapter_init is not None and not Path(self.adapter_init).is_file():
+            raise ConfigError(f"adapter_init (--adapter-init) {self.adapter_init} is not a file")
+        return self
+
+
+class ConfigError(ValueError):
+    """A training option is invalid; the message names the field, its flag and the fix."""
+
+
+_FLAGS = {"batch_size": "--batch-size", "grad_accum": "--grad-accum", "size": "--size", "ema_decay": "--ema",
+          "id_gating": "--id-gating", "num_workers": "--workers", "seed": "--seed", "device": "--device",
+          "adapter_init": "--adapter-init", "checkpoint_every": "--checkpoint-every", "preset": "--preset",
+          "out": "--out", "data": "--data", "synthetic_data": "--synthetic-data", "shard_backbone": "--shard-backbone",
+          "flux": "--flux", "face_models": "--face-models", "siglip": "--siglip"}
+
+
+def _label(name: str) -> str:
+    return f"{name} ({_FLAGS[name]})" if name in _FLAGS else name
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(low: int, high: int | None = None):
+    return lambda x: None if _is_int(x) and x >= low and (high is None or x < high) else \
+        f"must be an int >= {low}" + (f" and < {high}" if high is not None else "")
+
+
+def _num(low: float, *, open_low: bool = False, high: float | None = None, open_high: bool = False):
+    def check(x):
+        ok = _is_num(x) and (x > low if open_low else x >= low) and (high is None or (x < high if open_high else x <= high))
+        rng = f"{'(' if open_low else '['}{low}, {high if high is not None else 'inf'}{')' if open_high or high is None else ']'}"
+        return None if ok else f"must be a finite number in {rng}"
+    return check
+
+
+def _choice(*options):
+    return lambda x: None if x in options else f"must be one of {list(options)}"
+
+
+def _opt_str(x):
+    return None if x is None or (isinstance(x, str) and x) else "must be a non-empty path string or null"
+
+
+def _device(x):
+    if not isinstance(x, str) or not (x == "cpu" or x == "cuda" or (x.startswith("cuda:") and x[5:].isdigit())):
+        return "must be 'cpu', 'cuda' or 'cuda:N'"
+    return None
+
+
+_CHECKS = {
+    "preset": _choice("tiny", "flux-dev"),
+    "out": lambda x: None if isinstance(x, str) and x else "must be a non-empty folder path",
+    "data": _opt_str,
+    "synthetic_data": lambda x: None if isinstance(x, bool) else "must be true or false",
+    "phases": lambda x: None if isinstance(x, list) and x and all(isinstance(p, Phase) for p in x) else "must be a non-empty list of phases",
+    "batch_size": _int(1),
+    "grad_accum": _int(1),
+    "size": lambda x: None if _is_int(x) and x >= 16 and x % 16 == 0 else "must be a multiple of 16, >= 16",
+    "weight_decay": _num(0.0),
+    "grad_clip": _num(0.0, open_low=True),
+    "ema_decay": lambda x: None if x is None else _num(0.0, high=1.0, open_high=True)(x),
+    "id_weight": _num(0.0),
+    "cl_weight": _num(0.0),
+    "id_gating": _choice("all", "released"),
+    "num_negatives": _int(0),
+    "tau": _num(0.0, open_low=True),
+    "caption_dropout": _num(0.0, high=1.0),
+    "fixed_prompt": lambda x: None if isinstance(x, str) else "must be a string",
+    "guidance": _num(0.0),
+    "grad_checkpointing": lambda x: None if isinstance(x, bool) else "must be true or false",
+    "shard_backbone": lambda x: None if isinstance(x, bool) else "must be true or false",
+    "checkpoint_every": _int(1),
+    "num_workers": _int(0),
+    "seed": _int(0, 2**32),
+    "device": _device,
+    "flux": _opt_str,
+    "face_models": _opt_str,
+    "siglip": _opt_str,
+    "adapter_init": _opt_str,
+    "sample_prompts": lambda x: None if isinstance(x, list) and all(isinstance(p, str) for p in x) else "must be a list of strings",
+}
+_PHASE_CHECKS = {
+    "name": lambda x: None if isinstance(x, str) and x else "must be a non-empty string",
+    "steps": _int(1),
+    "prompt_mode": _choice("fixed", "caption"),
+    "paired_ratio": _num(0.0, high=1.0),
+    "lr": _num(0.0, open_low=True),
+}
+
+
+def _apply(cfg: TrainConfig, d, *, strict: bool, where: str, fill_missing_phases: bool = False) -> TrainConfig:
+    """``cfg`` with the keys of ``d`` replacing its fields (``phases``: a list of phase dicts)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping of TrainConfig fields, got a {type(d).__name__}")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown and strict:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; TrainConfig fields are {sorted(known)}")
+    if unknown:
+        warnings.warn(f"{where}: ignoring unknown fields {unknown}", stacklevel=3)
+    for key, value in d.items():
+        if key not in known:
+            continue
+        if key == "phases":
+            value = [_phase(p, i, where, strict) for i, p in enumerate(value)] if isinstance(value, list) else value
+        setattr(cfg, key, _float_text(key, value))
+    if fill_missing_phases and "phases" not in d:
+        cfg.phases = paper_phases()
+    return cfg
+
+
+_FLOATS = {"weight_decay", "grad_clip", "ema_decay", "id_weight", "cl_weight", "tau", "caption_dropout", "guidance",
+           "paired_ratio", "lr"}
+
+
+def _float_text(key: str, value):
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string: a float field takes it as the number it spells."""
+    if key in _FLOATS and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value  # validate() names it
+    return value
+
+
+def _phase(p, i: int, where: str, strict: bool) -> Phase:
+    if isinstance(p, Phase):
+        return p
+    if not isinstance(p, dict):
+        raise ConfigError(f"{where}: phases[{i}] must be a mapping with name, steps, prompt_mode, paired_ratio, lr")
+    known = {f.name for f in fields(Phase)}
+    unknown = sorted(set(p) - known)
+    if unknown and strict:
+        raise ConfigError(f"{where}: unknown key(s) {unknown} in phases[{i}]; Phase fields are {sorted(known)}")
+    missing = sorted({"name", "steps"} - set(p))
+    if missing:
+        raise ConfigError(f"{where}: phases[{i}] lacks {missing}")
+    return Phase(**{k: _float_text(k, v) for k, v in p.items() if k in known})
+
+
+def load_config_file(path) -> dict:
+    """The mapping in a YAML or JSON config file (any subset of TrainConfig's fields; ``phases`` a
+    list of mappings). Raises :class:`ConfigError` naming the file for a missing file, a parse
+    error or a top level that is not a mapping. Read with ``yaml.safe_load`` (no Python objects).
+
+    Example file (YAML)::
+
+        preset: tiny
+        num_negatives: 32
+        phases:
+          - {name: reconstruction, steps: 20, prompt_mode: fixed, lr: 2.0e-3}
+          - {name: quality, steps: 10, paired_ratio: 0.5, lr: 2.0e-4}
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path} is not valid YAML/JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: the top level must be a mapping of TrainConfig fields, got {type(data).__name__}")
+    return data
+
+
+def resolve(preset: str | None = None, file: dict | None = None, overrides: dict | None = None,
+            where: str = "--config") -> TrainConfig:
+    """Preset, then a config file's keys, then overrides (each a dict of TrainConfig fields); validated.
+
+    The preset is ``overrides["preset"]``, else ``file["preset"]``, else ``preset``, else "tiny";
+    ``out`` defaults to ``runs/<preset>``.
+    """
+    file, overrides = dict(file or {}), dict(overrides or {})
+    name = overrides.get("preset") or file.get("preset") or preset or "tiny"
+    if name not in ("tiny", "flux-dev"):
+        raise ConfigError(f"preset (--preset) must be one of ['tiny', 'flux-dev'], got {name!r}")
+    cfg = tiny() if name == "tiny" else flux_dev()
+    cfg.out = f"runs/{name}"
+    _apply(cfg, file, strict=True, where=where)
+    _apply(cfg, overrides, strict=True, where="command line")
+    return cfg.validate()
 
 
 def tiny(out: str = "runs/tiny", **overrides) -> TrainConfig:

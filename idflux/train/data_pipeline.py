@@ -7,6 +7,8 @@ first k that loads, so the substitute is deterministic and the same whatever the
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -102,17 +104,65 @@ def micro_batches(dataset, cfg: TrainConfig, start_step: int, total: int, rank: 
         yield indices, samples
 
 
-def build_dataset(cfg: TrainConfig) -> PhasedDataset:
-    """The run's data: ``cfg.data`` (MultiID-2M layout), or for the tiny preset a synthetic set
-    generated once under ``<out>/data`` when no data path is given."""
-    root = Path(cfg.data) if cfg.data else Path(cfg.out) / "data"
-    if not (root / "shards").is_dir():
-        if cfg.preset != "tiny":
-            raise FileNotFoundError(f"training data {root} has no shards/ folder (MultiID-2M layout: shards/*.tar + ref/)")
-        from idflux.train.synthetic import write_multiid
+class DataError(FileNotFoundError):
+    """The training data folder is missing or unusable; the message names it and the fix."""
 
-        write_multiid(root, n_identities=12, n_samples=96, size=max(96, cfg.size), seed=cfg.seed, shard_size=32,
+
+def data_root(cfg: TrainConfig) -> Path:
+    """``cfg.data``, or for the tiny preset the default synthetic-data folder ``<out>/data``."""
+    if cfg.data:
+        return Path(cfg.data)
+    if cfg.preset != "tiny":
+        raise DataError(f"the {cfg.preset} preset needs --data: a MultiID-2M folder (shards/*.tar + ref/)")
+    return Path(cfg.out) / "data"
+
+
+def prepare_data(cfg: TrainConfig) -> Path:
+    """Make sure the run's data exists; return its root.
+
+    Synthetic data (tiny preset) is generated only where asked: into the default folder
+    ``<out>/data`` (no ``--data``), or into ``--data`` with ``--synthetic-data``; and only into a
+    folder that does not exist or is empty (never next to a user's files or shards). It is written
+    into a temporary folder beside the target and renamed into place, so a reader sees all of it or
+    none. Under torchrun call it on rank 0 only (:func:`idflux.train.distributed.on_rank0`).
+    """
+    root = data_root(cfg)
+    if (root / "shards").is_dir():
+        return root
+    asked = cfg.data is None or cfg.synthetic_data
+    where = "--data" if cfg.data else "the default data folder"
+    if cfg.preset != "tiny" or not asked:
+        hint = (" (the tiny preset generates synthetic data there with --synthetic-data, or under <out>/data "
+                "without --data)" if cfg.preset == "tiny" else "")
+        tars = sorted(root.glob("*.tar"))[:1] if root.is_dir() else []
+        if tars:
+            hint = f"; it holds {tars[0].name}: pass the folder above those shards, named shards/" + hint
+        raise DataError(f"training data {where} {root} has no shards/ folder (MultiID-2M layout: shards/*.tar + ref/)"
+                        + hint)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise DataError(f"synthetic data is generated only into a new or empty folder; {where} {root} exists and is not "
+                        "empty (and has no shards/): choose another folder")
+    from idflux.train.synthetic import write_multiid
+
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_multiid(tmp, n_identities=12, n_samples=96, size=max(96, cfg.size), seed=cfg.seed, shard_size=32,
                       refs_per_identity=3, max_faces=3)
+        if root.is_dir():
+            root.rmdir()  # empty (checked above)
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def build_dataset(cfg: TrainConfig) -> PhasedDataset:
+    """The run's data: ``cfg.data`` (MultiID-2M layout) or, for the tiny preset, synthetic data
+    (see :func:`prepare_data`: generated on rank 0 while the other ranks wait, then read by all)."""
+    from idflux.train import distributed as D
+
+    root = Path(D.on_rank0(lambda: str(prepare_data(cfg))))
     ref_size = 64 if cfg.preset == "tiny" else 512
     landmark_fn = None
     if cfg.preset != "tiny" and cfg.face_models:  # real shards carry no landmarks: detect them (cached per sample)

@@ -26,6 +26,32 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def on_rank0(fn):
+    """Run ``fn()`` on rank 0 only and return its result on every rank (a barrier: the other ranks
+    wait for it). An exception on rank 0 is raised there, and on every other rank as a RuntimeError
+    with the same message, so all processes stop together instead of waiting on each other."""
+    if not active():
+        return fn()
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 -- handed to every rank, re-raised below
+            error = exc
+    box = [(result, None if error is None else f"{type(error).__name__}: {error}")]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    result, message = box[0]
+    if message is not None:
+        raise RuntimeError(f"rank 0 stopped: {message}")
+    return result
+
+
 def all_sum(x: torch.Tensor) -> torch.Tensor:
     if active():
         x = x.clone()

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from idflux.train import distributed as D
-from idflux.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from idflux.train.config import TrainConfig
+from idflux.train.checkpoint import (ADAPTER_FILE, EMA_FILE, CheckpointError, find_resume_checkpoint, load_checkpoint,
+                                     prepare_run_folder, rng_state, run_lock, run_outputs, save_adapter_file, save_checkpoint,
+                                     set_rng_state)
+from idflux.train.config import ConfigError, TrainConfig
 from idflux.train.model import TrainBatch, TrainModel
 
 
@@ -36,24 +39,63 @@ def _seed(*parts: int) -> int:
     return h
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = None, dataset=None) -> dict:
-    """Run (or continue) training; returns {"step", "log", "checkpoint"}.
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, max_steps: int | None = None,
+          dataset=None) -> dict:
+    """Run (or continue) training; returns {"step", "log", "checkpoint", "adapter", "model", "dataset"}.
 
-    max_steps stops after that many optimizer steps in total (for tests and staged runs);
-    dataset overrides the data built from ``cfg`` (a map-style dataset of training samples).
+    resume: continue from the newest checkpoint of ``cfg.out`` that loads (newer unusable ones are
+    named in a warning); a folder that holds a run but no usable checkpoint is an error naming each
+    problem, and nothing in it is changed. overwrite: replace the run already in ``cfg.out``;
+    without resume or overwrite such a folder is refused. The folder is locked (``train.lock``)
+    for the run's lifetime. max_steps stops after that many optimizer steps in total (for tests
+    and staged runs); dataset overrides the data built from ``cfg`` (a map-style dataset).
+    Every option is validated first (:meth:`TrainConfig.validate`).
     """
+    cfg.validate()
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise ConfigError(f"max_steps (--max-steps) must be an int >= 1, got {max_steps!r}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device (--device) {cfg.device}: torch sees no CUDA device; use --device cpu")
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue the run in the folder, or replace it")
+    rank, world = D.setup(cfg.device)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ConfigError(f"batch_size (--batch-size) {cfg.batch_size} must be divisible by processes x grad_accum = "
+                          f"{world} x {cfg.grad_accum}")
+    out = Path(cfg.out)
+    loaded = {}
+    with contextlib.ExitStack() as held:
+        def claim():  # rank 0: lock the folder, check it, choose the checkpoint; every rank gets the path
+            held.enter_context(run_lock(out))
+            prepare_run_folder(out, resume=resume, overwrite=overwrite)
+            if not resume:
+                return None
+            path, ckpt, problems = find_resume_checkpoint(out)
+            if path is None:
+                previous = [n for n in run_outputs(out) if n in ("checkpoints", "log.jsonl")]
+                if problems or previous:
+                    raise CheckpointError(f"--resume: no usable checkpoint in {out / 'checkpoints'}"
+                                          + "".join(f"\n  {p}" for p in problems)
+                                          + f"\nnothing in {out} was changed; repair or move these, or start again with "
+                                          "--overwrite")
+                warnings.warn(f"--resume: {out} holds no run yet; starting at step 0", RuntimeWarning, stacklevel=3)
+                return None
+            if problems:
+                warnings.warn(f"--resume: continuing from {path.name}, the newest usable checkpoint; passed over:"
+                              + "".join(f"\n  {p}" for p in problems), RuntimeWarning, stacklevel=3)
+            loaded[str(path)] = ckpt
+            return str(path)
+
+        ckpt = D.on_rank0(claim)
+        return _train(cfg, rank, world, ckpt, loaded.get(ckpt), resume, max_steps, dataset)
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, ckpt: str | None, loaded, resume: bool, max_steps, dataset) -> dict:
     from idflux.train.data_pipeline import build_dataset, collate, micro_batches
 
-    if cfg.num_workers < 0:
-        raise ValueError(f"num_workers (--workers) must be >= 0, got {cfg.num_workers}")
-    rank, world = D.setup(cfg.device)
     device = torch.device(cfg.device if not cfg.device.startswith("cuda") else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum = {world} x {cfg.grad_accum}")
     micro = cfg.batch_size // (world * cfg.grad_accum)
     out = Path(cfg.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
 
     model = TrainModel.build(cfg).to(device)
@@ -74,26 +116,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
         # DDP over the whole model: only the adapter requires grad, so only its gradients are reduced.
         ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     runner = ddp if ddp is not None else model
-    ema = {k: v.detach().clone().float() for k, v in adapter.state_dict().items()} if cfg.ema_decay else None
+    ema = {k: v.detach().clone().float() for k, v in adapter.state_dict().items()} if cfg.ema_decay is not None else None
 
     step = 0
-    if resume and (ckpt := latest_checkpoint(out)) is not None:
-        weights, state, ema_state = load_checkpoint(ckpt)
+    if ckpt is not None:
+        weights, state, ema_state = loaded if loaded is not None else load_checkpoint(ckpt)
         adapter.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
-        torch.set_rng_state(state["torch_rng"]), np.random.set_state(state["numpy_rng"]), random.setstate(state["python_rng"])
+        set_rng_state(state)
         if state.get("queue") is not None and model.cl_loss.bank is not None:
             model.cl_loss.bank.load_queue_state(state["queue"])
         if ema is not None and ema_state is not None:
             ema = {k: v.float() for k, v in ema_state.items()}
     total = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
     log_path = out / "log.jsonl"
-    if rank == 0:
-        if not resume and log_path.exists():
-            log_path.unlink()
-        elif resume:
-            _truncate_log(log_path, step)  # steps logged after the checkpoint run again
+    if rank == 0 and resume:
+        _truncate_log(log_path, step)  # steps logged after the checkpoint run again
     model.train()
     bar = tqdm(total=total, initial=step, desc="training", disable=rank != 0)
     log = _StepLog(log_path, bar, device) if rank == 0 else None
@@ -129,10 +168,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
                 log.add({"step": step, "phase": phase.name, "lr": phase.lr}, {**parts, "grad_norm": grad_norm}, timer.stop())
             if rank == 0 and (step % cfg.checkpoint_every == 0 or step == total):
                 log.flush()  # the log holds every step the checkpoint holds
-                state = {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
-                         "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+                state = {"step": step, "optimizer": opt.state_dict(), "rng": rng_state(),
                          "queue": model.cl_loss.bank.queue_state() if model.cl_loss.bank is not None else None}
-                last_ckpt = save_checkpoint(out, step, weights=adapter.state_dict(), state=state, config=cfg.to_dict(), ema=ema)
+                last_ckpt = save_checkpoint(out, step, weights=adapter.state_dict(), state=state, config=cfg.to_dict(), ema=ema,
+                                            adapter_config=adapter.cfg)
             if D.active():
                 torch.distributed.barrier()
     finally:
@@ -140,7 +179,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
         if log is not None:
             log.flush()  # a crash keeps the lines of the steps that finished
         bar.close()
-    return {"step": step, "log": log_path, "checkpoint": last_ckpt, "model": model, "dataset": dataset}
+    final = None
+    if rank == 0:  # the trained adapter at a fixed path, in idflux's format (the last checkpoint's weights)
+        final = save_adapter_file(adapter.state_dict(), adapter.cfg, out / ADAPTER_FILE)
+        if ema is not None:
+            save_adapter_file(ema, adapter.cfg, out / EMA_FILE)
+    return {"step": step, "log": log_path, "checkpoint": last_ckpt, "adapter": final, "model": model, "dataset": dataset}
 
 
 class _StepTimer:
@@ -210,10 +254,18 @@ def _truncate_log(path: Path, step: int) -> None:
     """Keep the log lines of steps <= ``step`` (the checkpoint a run resumes from), atomically."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = [line for line in path.read_text().splitlines() if _logged_step(line) <= step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log line; a torn line (a crash mid-write) counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def read_log(path) -> list[dict]:

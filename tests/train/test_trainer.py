@@ -174,7 +174,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, data_root, shard):
         rel = 1e-4 if ra["step"] == 1 else 5e-3
         for key in ("loss", "diff", "id", "cl", "grad_norm"):
             assert ra[key] == pytest.approx(rb[key], rel=rel, abs=1e-6), (ra["step"], key, ra[key], rb[key])
-    wa = torch.load(tmp_path / "one" / "checkpoints" / "step_00000002" / "state.pt", weights_only=False)["step"]
+    wa = torch.load(tmp_path / "one" / "checkpoints" / "step_00000002" / "state.pt", weights_only=True)["step"]
     assert wa == 2
 
 
