@@ -670,9 +670,11 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="train an adapter on the shipped world through the four-phase trainer, "
                                     "then write the loss plot, a held-out sample sheet and summary.json")
     d.add_argument("--out", default="runs/tiny", help="run folder (replaced)")
-    d.add_argument("--steps", type=int, default=160, help="optimizer steps over the four phases (default 160)")
+    d.add_argument("--steps", type=int, default=60, help="optimizer steps over the four phases (default 60)")
     d.add_argument("--batch-size", type=int, default=4)
-    d.add_argument("--samples", type=int, default=400, help="synthetic training samples to write (default 400)")
+    d.add_argument("--samples", type=int, default=240, help="synthetic training samples to write (default 240)")
+    d.add_argument("--identities", type=int, default=200, help="training identities they show (default 200)")
+    d.add_argument("--world", default=None, help=f"world folder (default the shipped {ASSETS})")
     d.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -691,7 +693,8 @@ def main(argv=None) -> int:
     if args.cmd == "demo":
         from idflux.train.tiny_world_adapters import run_demo
 
-        run_demo(Path(args.out), steps=args.steps, batch_size=args.batch_size, n_samples=args.samples)
+        run_demo(Path(args.out), steps=args.steps, batch_size=args.batch_size, n_samples=args.samples,
+                 n_identities=args.identities, world=Path(args.world) if args.world else None)
         return 0
     from idflux.train.tiny_world_eval import evaluate_world
 

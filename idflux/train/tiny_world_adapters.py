@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from idflux.train import config as C
-from idflux.train.tiny_world import WORLD, _files, _log, _record
+from idflux.train.tiny_world import WORLD, _files, _log, _machine, _record
 
 #: The arms of the trade-off table: name -> (id_weight, cl_weight).
 ARMS = {"flow": (0.0, 0.0), "id": (0.3, 0.0), "id_cl": (0.3, 0.1)}
@@ -69,7 +69,7 @@ def world_config(out, data, world=None, *, steps: int = 600, batch_size: int = 8
                   sample_prompts=["a photo of two people in a park", "two people"])
 
 
-def stage_adapters(root: Path, steps: int = 250, batch_size: int = 4, seed: int = 15, work: Path | None = None) -> dict:
+def stage_adapters(root: Path, steps: int = 150, batch_size: int = 4, seed: int = 15, work: Path | None = None) -> dict:
     """Train the three arms for ``steps`` each on the world in ``root``; ship the id_cl arm."""
     import json
     import shutil
@@ -116,8 +116,8 @@ def stage_adapters(root: Path, steps: int = 250, batch_size: int = 4, seed: int 
                    _files(folder) + [root / "adapter.safetensors"])
 
 
-def run_demo(out: Path, *, steps: int = 160, batch_size: int = 4, n_samples: int = 400, n_identities: int | None = None,
-             report_cases: int = 12, report_steps: int = 20) -> dict:
+def run_demo(out: Path, *, steps: int = 60, batch_size: int = 4, n_samples: int = 240, n_identities: int | None = 200,
+             report_cases: int = 8, report_steps: int = 20, world: Path | None = None) -> dict:
     """``make demo``: train an identity adapter from the shipped world's frozen base through the real
     four-phase trainer (flow matching + ID loss + InfoNCE on the pixel recogniser), then write
     ``loss.png``, ``sample_sheet.png`` (held-out identities: references, GT with boxes, with the
@@ -132,16 +132,17 @@ def run_demo(out: Path, *, steps: int = 160, batch_size: int = 4, n_samples: int
     data = write_world_data(out.parent / f"{out.name}-data", n_samples, n_identities)
     t_data = time.time() - t0
     idw, clw = ARMS["id_cl"]
-    cfg = world_config(out, data, steps=steps, batch_size=batch_size, id_weight=idw, cl_weight=clw)
+    cfg = world_config(out, data, world, steps=steps, batch_size=batch_size, id_weight=idw, cl_weight=clw)
     result = train(cfg, overwrite=out.exists())
     t_train = time.time() - t0 - t_data
     plot = plot_losses(result["log"], out / "loss.png")
     report = demo_report(result["model"], out, n_cases=report_cases, steps=report_steps)
     summary = {"steps": result["step"], "batch": batch_size, "phases": [p.name for p in cfg.phases],
                "losses": {"id_weight": idw, "cl_weight": clw}, "checkpoint": str(result["checkpoint"]),
-               "adapter": str(result.get("adapter")), "loss_plot": str(plot), "seconds": {
-                   "data": round(t_data, 1), "train": round(t_train, 1), "sheet_and_metrics": report["seconds"],
-                   "total": round(time.time() - t0, 1)}, **report}
+               "adapter": str(result.get("adapter")), "loss_plot": str(plot), **report}
+    summary["seconds"] = {"data": round(t_data, 1), "train": round(t_train, 1), "sheet_and_metrics": report["seconds"],
+                          "total": round(time.time() - t0, 1)}
+    summary["machine"] = _machine()
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     _log(f"demo: {json.dumps({k: summary[k] for k in ('with_adapter', 'adapter_off', 'swap', 'seconds')})}")
     return summary

@@ -262,13 +262,25 @@ def evaluate_world(world: Path = ASSETS, out: Path = Path("idflux/bench_perf/res
     gallery = gallery_embeddings(w.recognizer)
     gt = face_embeddings_at(w.recognizer, [c["gt_image"] for c in cases], cases)
     ref = [F.normalize(a.float(), dim=-1) for a, _ in refs]
-    _log(f"eval: {len(cases)} cases, gallery of {len(gallery)} held-out identities ({time.time() - t0:.0f} s)")
+    metrics = {}
+    # Upper bound of what the generator can show the recogniser: the GT through the VAE.
+    with torch.no_grad():
+        vae = w.parts.vae
+        x = torch.from_numpy(np.stack([c["gt_image"] for c in cases])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        rec = torch.cat([vae.decode(vae.encode(x[i:i + 16]).latent_dist.mode()).sample for i in range(0, len(x), 16)])
+    from idflux.train.samples import to_uint8
+
+    vae_images = [to_uint8(r) for r in rec.clamp(-1, 1)]
+    metrics["gt_through_vae"] = arm_metrics(face_embeddings_at(w.recognizer, vae_images, cases), gt, ref, gallery, cases)
+    metrics["gt"] = arm_metrics(gt, gt, ref, gallery, cases)
+    _log(f"eval: {len(cases)} cases, gallery of {len(gallery)} held-out identities; GT {metrics['gt']}; "
+         f"GT through the VAE {metrics['gt_through_vae']} ({time.time() - t0:.0f} s)")
     arms = {"off": None}
     for name in ("flow", "id", "id_cl"):
         p = Path(world) / "adapters" / f"{name}.safetensors"
         if p.is_file():
             arms[name] = p
-    images, metrics = {}, {}
+    images = {}
     shipped = pipe.adapter
     for name, path in arms.items():
         pipe.adapter = shipped if path is None else load_adapter(path).to(pipe.device, pipe.dtype)
@@ -318,6 +330,7 @@ def evaluate_world(world: Path = ASSETS, out: Path = Path("idflux/bench_perf/res
         "machine": w.manifest.get("machine"), "world_manifest": {k: v.get("wall_s") for k, v in w.manifest["stages"].items()},
         "cases": len(cases), "faces": on["faces"], "sampling_steps": steps, "gallery_identities": len(gallery),
         "shipped": on, "off": off, "swap": swap, "tradeoff": table,
+        "reference_points": {"gt": metrics["gt"], "gt_through_vae": metrics["gt_through_vae"]},
         "targets": {
             "identification_on": {"target": TARGETS["identification_on"], "measured": on["identification"],
                                   "met": on["identification"] >= TARGETS["identification_on"]},
