@@ -236,16 +236,22 @@ def _cosine_infonce_merge_kernel(
     # d loss_n / d u_n = (sum_k p_k c_k - v) / tau over all candidates c_k, the positive included;
     # then through u = g / max(||g||, eps) (below eps the clamp passes no gradient to the norm).
     du = (acc / l_tot - v) * inv_tau
-    proj = tl.where(g_norm >= eps, u * tl.sum(u * du, 0), 0.0)
-    dg = (du - proj) / tl.maximum(g_norm, eps)
+    # A row whose norm is below eps (a zero row) gets zero gradient: x / eps carries no direction,
+    # and its derivative I / eps would overflow fp16/bf16. (A NaN norm is not "below": it stays NaN.)
+    dg = tl.where(g_norm < eps, 0.0, (du - u * tl.sum(u * du, 0)) / g_norm)
     # A row with no candidate left is exactly loss 0, gradient 0 (p_pos = 1). Say so explicitly:
     # on a GPU the approximate exp/div leave ~1e-9 residues where the algebra gives 0.
     has_neg = tl.max(pm, 0) > -1.0e29
-    dg = tl.where(has_neg, dg, 0.0)
+    # A NaN never vanishes: a NaN/inf in g[row], pos[row] or a kept candidate makes the row's loss,
+    # LSE, p_pos and gradient NaN, as in the reference (the masks above would otherwise read a NaN
+    # partial as "no candidate", and GPU max/maximum drop NaN operands).
+    bad = (s_pos != s_pos) | (tl.sum(tl.where((sp < SPLITS) & ((pl != pl) | (pm != pm)), 1, 0), 0) > 0)
+    nan = float("nan")
+    dg = tl.where(bad, nan, tl.where(has_neg, dg, 0.0))
 
-    tl.store(loss_ptr + row, tl.where(has_neg, lse - s_pos, 0.0))
-    tl.store(lse_ptr + row, tl.where(has_neg, lse, s_pos))
-    tl.store(ppos_ptr + row, tl.where(has_neg, tl.exp(s_pos - lse), 1.0))
+    tl.store(loss_ptr + row, tl.where(bad, nan, tl.where(has_neg, lse - s_pos, 0.0)))
+    tl.store(lse_ptr + row, tl.where(bad, nan, tl.where(has_neg, lse, s_pos)))
+    tl.store(ppos_ptr + row, tl.where(bad, nan, tl.where(has_neg, tl.exp(s_pos - lse), 1.0)))
     tl.store(u_ptr + row * D + d, u, mask=dmask)
     tl.store(dg_ptr + row * D + d, dg, mask=dmask)
 
@@ -282,16 +288,16 @@ def _cosine_infonce_bwd_kernel(
                 s = tl.load(s_ib_ptr + m * N + row, mask=mm, other=float("-inf"))
                 lse_m = tl.load(lse_ptr + m, mask=mm, other=0.0)
                 w_m = tl.load(w_ptr + m * stride_w, mask=mm, other=0.0).to(tl.float32)
-                coef = tl.where(mm, tl.exp(s - lse_m) * w_m, 0.0)
+                # An excluded pair (s = -inf) adds exactly 0, even when row m's LSE is NaN.
+                coef = tl.where(mm & (s != float("-inf")), tl.exp(s - lse_m) * w_m, 0.0)
                 u_m = tl.load(u_ptr + m[:, None] * D + d[None, :], mask=mm[:, None] & dmask[None, :], other=0.0)
                 dv += tl.sum(coef[:, None] * u_m, 0)
         dv = dv * inv_tau
         px = tl.load(pos_ptr + row * stride_pn + d * stride_pd, mask=dmask, other=0.0).to(tl.float32)
         p_norm = tl.sqrt(tl.sum(px * px, 0))
         v = px / tl.maximum(p_norm, eps)
-        # Through the clamp: below eps the norm gets no gradient (autograd of the clamp_min form).
-        proj = tl.where(p_norm >= eps, v * tl.sum(v * dv, 0), 0.0)
-        gp = (dv - proj) / tl.maximum(p_norm, eps)
+        # Below eps (a zero row) no gradient, as for g (the reference's ``normalize``).
+        gp = tl.where(p_norm < eps, 0.0, (dv - v * tl.sum(v * dv, 0)) / p_norm)
         tl.store(grad_pos_ptr + row * D + d, gp.to(grad_pos_ptr.dtype.element_ty), mask=dmask)
 
 
@@ -311,13 +317,33 @@ def _shared_tile(block_d: int, ieee: bool) -> tuple[int, int]:
     return (64, 4) if block_d <= 128 else (64, 8) if block_d <= 256 else (32, 8) if block_d <= 512 else (16, 8)
 
 
-def _launch_config(N: int, C: int, D: int, device: torch.device, tiled: bool = False,
+#: Registers per thread ptxas gives the forward kernels on sm_90 (triton 3.6, bf16, D = 512; ``python -m
+#: idflux.bench_perf.ptx --op cosine_infonce --regs``): 226 for the gathered kernel at 4 warps (rounded
+#: up to the allocation unit of 8), 255 for the row-tiled one. Unmeasured configurations assume 255.
+_FWD_REGS = {("gather", 4): 232, ("tiled", 8): 256}
+_SM_REGISTERS = 65536  # per SM on sm_80 / sm_90
+_SM_THREADS = 2048
+
+
+def _resident_per_sm(kernel: str, num_warps: int) -> int:
+    """Programs of ``kernel`` one SM holds at once, from its registers per thread (never below 1)."""
+    regs = _FWD_REGS.get((kernel, num_warps), 256)
+    threads = 32 * num_warps
+    return max(1, min(_SM_REGISTERS // (regs * threads), _SM_THREADS // threads))
+
+
+def _launch_config(N: int, C: int, D: int, n_sms: int | None, tiled: bool = False,
                    ieee: bool = False) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_D, tiles_per_split, splits, num_warps) for N rows of C candidates of dim D
     (``tiled``: the row-tiled shared-bank kernel, _SHARED_ROWS rows per program; ``ieee``: fp32
-    inputs)."""
+    inputs) on a GPU of ``n_sms`` SMs; ``n_sms=None``: Triton's interpreter.
+
+    GPU: the candidates of a row are split so the grid is one full wave: as many programs as the
+    SMs hold at once (registers decide: two gathered programs per SM), each streaming its share with
+    the next tile's rows in flight. A second, partial wave would leave most SMs idle at its end,
+    and fewer programs would leave memory latency uncovered."""
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    if _backend.INTERPRET:
+    if n_sms is None:
         # The interpreter pays per program and per op, not per element: big tiles, few programs
         # (still several splits per row for small N, so the merge is exercised).
         BLOCK_M, target_programs, num_warps = 64, 16, 4
@@ -326,13 +352,64 @@ def _launch_config(N: int, C: int, D: int, device: torch.device, tiled: bool = F
             BLOCK_M, num_warps = _shared_tile(BLOCK_D, ieee)
         else:
             BLOCK_M, num_warps = max(8, min(128, 8192 // BLOCK_D)), 8 if BLOCK_D >= 1024 else 4
-        target_programs = 4 * _backend.sm_count(device)
+        target_programs = _resident_per_sm("tiled" if tiled else "gather", num_warps) * n_sms
     n_tiles = triton.cdiv(C, BLOCK_M)
     row_programs = triton.cdiv(N, _SHARED_ROWS) if tiled else N
-    splits = max(1, min(triton.cdiv(target_programs, row_programs), n_tiles))
+    splits = max(1, min(target_programs // row_programs, n_tiles))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = max(1, triton.cdiv(n_tiles, tiles_per_split)) if n_tiles else 1
     return BLOCK_M, BLOCK_D, tiles_per_split, splits, num_warps
+
+
+_ELEMENT = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
+
+
+def launch_plan(N: int, M: int, D: int, dtype: torch.dtype = torch.bfloat16, n_sms: int = 132, *,
+                gathered: bool = True, in_batch: bool = False) -> dict:
+    """The GPU launches of one ``cosine_infonce`` call (forward + backward) on a part with ``n_sms`` SMs.
+
+    N rows, M negatives per row (``gathered``: per-row ``neg_index`` into a gallery, the training
+    recipe; else a bank shared by all rows), D the embedding dim, ``dtype`` the inputs'.
+    Pure arithmetic (no device needed): the same sizing the launcher uses with the device's SM count.
+
+    Returns a dict: ``kernel`` (the forward kernel), ``grid`` (its launch grid), ``programs``,
+    ``resident_per_sm`` (programs an SM holds at once, from ptxas' register count), ``programs_per_sm``
+    (programs / n_sms), ``waves`` (programs / (resident_per_sm * n_sms)), ``block_m``, ``block_d``,
+    ``num_warps``, ``splits`` (programs per row or row tile), ``candidates_per_program``,
+    ``bytes_per_tile`` (candidate rows one program has in flight), ``load_bytes`` (16: the gathered
+    rows load as 16-byte vectors when D is a multiple of 16 / element size), ``merge_grid`` and
+    ``bwd_grid``, and ``bytes`` (what the forward must read: the candidate rows, indices, g and pos).
+
+    Example (issue 17's goal shape on a 132-SM H100/H200):
+        >>> plan = launch_plan(64, 4096, 512, torch.bfloat16, 132)
+        >>> plan["grid"], plan["waves"] <= 1.0
+        ((64, 4), True)
+    """
+    for name, v in (("N", N), ("M", M), ("D", D), ("n_sms", n_sms)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "M" else 1):
+            raise ValueError(f"launch_plan: {name} must be an int >= {0 if name == 'M' else 1}, got {v!r}")
+    if dtype not in _ELEMENT:
+        raise ValueError(f"launch_plan: dtype must be one of {tuple(_ELEMENT)}, got {dtype!r}")
+    C = M + (N if in_batch else 0)
+    tiled = not gathered and N >= SHARED_TILE_MIN_ROWS
+    ieee = dtype == torch.float32
+    block_m, block_d, tiles_per_split, splits, num_warps = _launch_config(N, C, D, n_sms, tiled=tiled, ieee=ieee)
+    rows = triton.cdiv(N, _SHARED_ROWS) if tiled else N
+    kernel = "tiled" if tiled else "gather"
+    resident = _resident_per_sm(kernel, num_warps)
+    programs = rows * splits
+    elem = _ELEMENT[dtype]
+    bank_rows = N * M if gathered else M
+    return {
+        "kernel": "_cosine_infonce_shared_fwd_kernel" if tiled else "_cosine_infonce_fwd_kernel",
+        "grid": (rows, splits), "programs": programs, "resident_per_sm": resident,
+        "programs_per_sm": programs / n_sms, "waves": programs / (resident * n_sms),
+        "block_m": block_m, "block_d": block_d, "num_warps": num_warps, "splits": splits,
+        "candidates_per_program": tiles_per_split * block_m, "bytes_per_tile": block_m * D * elem,
+        "load_bytes": 16 if (D * elem) % 16 == 0 else math.gcd(D * elem, 16),
+        "merge_grid": (N,), "bwd_grid": (N,),
+        "bytes": bank_rows * D * elem + (N * M * 8 if gathered else 0) + 2 * N * D * elem,
+    }
 
 
 def _workspace(device: torch.device, sizes: tuple[int, ...]) -> list[torch.Tensor]:
@@ -353,7 +430,8 @@ def _cosine_infonce_triton(g, pos, negatives, neg_index, ids, neg_ids, tau, in_b
     C = M + (N if in_batch else 0)
     dev = g.device
     tiled = neg_index is None and N >= SHARED_TILE_MIN_ROWS
-    BLOCK_M, BLOCK_D, tiles_per_split, splits, num_warps = _launch_config(N, C, D, dev, tiled=tiled,
+    n_sms = None if _backend.INTERPRET and dev.type == "cpu" else _backend.sm_count(dev)
+    BLOCK_M, BLOCK_D, tiles_per_split, splits, num_warps = _launch_config(N, C, D, n_sms, tiled=tiled,
                                                                           ieee=g.dtype == torch.float32)
     # The call's buffers are pieces of two allocations (two host-side ops instead of nine): the
     # partials, freed after the forward, and what the backward keeps. The kernels index them as
@@ -529,7 +607,12 @@ def cosine_infonce(
     Returns a float32 loss (float64 when an input is float64 and the torch backend runs); fp32
     accumulation whatever the input dtype. A row whose candidates are all excluded (or M = 0
     without in_batch) has loss exactly 0 and zero gradient. Differentiable in g and pos; no
-    gradient flows to negatives.
+    gradient flows to negatives. A row of g or pos whose norm is below 1e-6 (a zero row) gets
+    zero gradient (its derivative 1 / 1e-6 would overflow fp16). NaN is never dropped, on either
+    backend: a NaN/inf in g[n], pos[n] or a candidate row n keeps makes row n's loss and gradient
+    NaN (with in_batch, pos[n] also reaches the rows that keep it as a negative); an excluded
+    candidate adds no loss, but its values still reach the gradient (0 * NaN). On Triton's
+    interpreter (CPU tensors, backend="triton") bf16 raises ValueError: use fp32/fp16 or "torch".
 
     Example:
         >>> g, pos, bank = torch.randn(4, 64), torch.randn(4, 64), torch.randn(100, 64)
@@ -543,6 +626,8 @@ def cosine_infonce(
     if impl == "torch":
         return cosine_infonce_ref(g, pos, negatives, neg_index=neg_index, tau=tau, in_batch=in_batch,
                                   ids=ids, neg_ids=neg_ids, reduction=reduction)
+    for x in (g, pos, negatives):  # before any launch: the interpreter computes bf16 wrongly
+        _backend.check_interpreter_dtype("cosine_infonce", x.dtype, g.device)
     loss = CosineInfoNCEFunction.apply(g, pos, negatives, neg_index, ids, neg_ids, tau, in_batch)
     if reduction == "none":
         return loss

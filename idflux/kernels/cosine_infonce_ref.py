@@ -13,8 +13,13 @@ EPS = 1e-6  # cosine uses x / max(||x||, EPS): a zero vector has cosine 0 with e
 
 
 def normalize(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """x / max(||x||_2, eps) over the last dim (the same convention as ``F.normalize``)."""
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    """x / max(||x||_2, eps) over the last dim (the values of ``F.normalize``).
+
+    A row whose norm is below eps (a zero row) gets zero gradient: x / eps has no direction, and its
+    derivative I / eps (1e6) overflows fp16/bf16 when cast back to the input dtype. A NaN row stays
+    NaN, value and gradient (the comparison is False for NaN)."""
+    norm = x.norm(dim=-1, keepdim=True)
+    return torch.where(norm < eps, x.detach() / eps, x / norm.clamp_min(eps))
 
 
 def cosine_infonce_ref(
@@ -54,7 +59,8 @@ def cosine_infonce_ref(
         if K == 0:  # every index is out of range; gather from a placeholder row instead
             bank = bank.new_zeros(1, bank.shape[1])
             neg_ids = None if neg_ids is None else neg_ids.new_zeros(1)
-        s_bank = torch.einsum("nd,nmd->nm", u, bank[safe]) / tau
+        # An out-of-range index reads nothing, not row 0 (whose NaN would reach the gradient).
+        s_bank = torch.einsum("nd,nmd->nm", u, torch.where(in_range[..., None], bank[safe], 0.0)) / tau
         bank_ids = None if neg_ids is None else neg_ids[safe]
     keep_bank = torch.ones_like(s_bank, dtype=torch.bool) if neg_index is None else in_range
     if ids is not None and bank_ids is not None:

@@ -535,3 +535,83 @@ def test_row_tiled_shared_kernel_equals_the_per_row_kernel(monkeypatch, variant)
     per_row = losses_and_grads(cosine_infonce, g, pos, bank, {**kw, "backend": "triton"}, "none", w)
     for name, a, b in zip(("loss", "dg", "dpos"), tiled, per_row):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------- non-finite and zero rows (issue 15)
+
+def _loss_and_grads(g, pos, bank, kw, backend):
+    g_ = g.clone().requires_grad_()
+    pos_ = pos.clone().requires_grad_()
+    loss = cosine_infonce(g_, pos_, bank, reduction="none", backend=backend, **kw)
+    dg, dpos = torch.autograd.grad(loss.sum(), [g_, pos_])
+    return loss.detach(), dg, dpos
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant,N", [("index", 5), ("index_inbatch_ids", 5), ("shared", 4), ("shared", 17),
+                                       ("shared_inbatch_ids", 17)])
+def test_nan_row_propagates_and_matches_the_reference(backend, variant, N):
+    """A NaN row of g makes that row's loss and gradient NaN (it used to give loss 0 and zero gradient
+    on Triton); the other rows keep finite values equal to the reference's."""
+    g, pos, bank, kw = make_case(N, 12, 9, variant, dtype=torch.float32)
+    g[2, 5] = float("nan")
+    loss, dg, dpos = _loss_and_grads(g, pos, bank, kw, backend)
+    ref = _loss_and_grads(g, pos, bank, kw, "torch")
+    assert torch.isnan(loss[2]) and torch.isnan(dg[2]).all(), f"row 2 must be NaN: loss {loss[2]}, dg {dg[2]}"
+    others = torch.arange(N) != 2
+    assert torch.isfinite(loss[others]).all() and torch.isfinite(dg[others]).all(), "the other rows stay finite"
+    for name, a, b in zip(("loss", "dg", "dpos"), (loss, dg, dpos), ref):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{name}: NaN pattern differs from the reference"
+        torch.testing.assert_close(a.nan_to_num(7.0), b.nan_to_num(7.0), rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_a_positive_or_a_kept_negative_propagates(backend):
+    N, D, M, K = 5, 10, 6, 12
+    g, pos, bank, _ = make_case(N, D, M, "index", K=K)
+    neg_index = torch.randint(1, K, (N, M))
+    neg_index[3, 0] = 0  # only row 3 draws bank row 0
+    bank[0, 1] = float("nan")
+    loss, dg, _ = _loss_and_grads(g, pos, bank, dict(neg_index=neg_index), backend)
+    assert torch.isnan(loss[3]) and torch.isnan(dg[3]).all()
+    assert torch.isfinite(loss[torch.arange(N) != 3]).all()
+    pos[1, 0] = float("nan")  # in-batch: every row that keeps pos[1] as a negative turns NaN
+    ids = torch.tensor([0, 1, 2, 1, 4])  # row 3 shares row 1's identity: pos[1] is excluded for it
+    loss, dg, dpos = _loss_and_grads(g, pos, bank[1:], dict(in_batch=True, ids=ids), backend)
+    ref = _loss_and_grads(g, pos, bank[1:], dict(in_batch=True, ids=ids), "torch")
+    assert torch.isnan(loss[[0, 1, 2, 4]]).all() and torch.isfinite(loss[3]), loss
+    for name, a, b in zip(("loss", "dg", "dpos"), (loss, dg, dpos), ref):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{name}: NaN pattern differs from the reference"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("variant,N", [("index_inbatch_ids", 5), ("shared_inbatch_ids", 17)])
+def test_zero_rows_get_a_finite_zero_gradient(backend, dtype, variant, N):
+    """fp16 zero rows of g / pos used to give inf gradients (1 / 1e-6 cast to fp16); a row whose norm
+    is below 1e-6 now gets exactly zero gradient on both backends, and the other rows match the
+    reference."""
+    g, pos, bank, kw = make_case(N, 16, 20, variant, dtype=dtype)
+    g[1] = 0
+    pos[3] = 0
+    g[4] = 1e-7 if dtype == torch.float32 else 6e-8  # below eps, not zero
+    loss, dg, dpos = _loss_and_grads(g, pos, bank, kw, backend)
+    for name, t in (("loss", loss), ("dg", dg), ("dpos", dpos)):
+        assert torch.isfinite(t).all(), f"{name} not finite: {t}"
+    assert torch.all(dg[1] == 0) and torch.all(dg[4] == 0) and torch.all(dpos[3] == 0), "zero rows: zero gradient"
+    ref = _loss_and_grads(g, pos, bank, kw, "torch")
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, a, b in zip(("loss", "dg", "dpos"), (loss, dg, dpos), ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol, msg=name)
+
+
+@needs_interpreter
+def test_triton_interpreter_refuses_bf16():
+    g, pos, bank, kw = make_case(3, 8, 10, "index")
+    for which in ("g", "pos", "negatives"):
+        args = {"g": g, "pos": pos, "negatives": bank}
+        args[which] = args[which].bfloat16()
+        with pytest.raises(ValueError, match="interpreter.*bf16"):
+            cosine_infonce(args["g"], args["pos"], args["negatives"], backend="triton", **kw)
+    # the reference takes bf16 on the CPU, and auto picks it
+    assert torch.isfinite(cosine_infonce(g.bfloat16(), pos.bfloat16(), bank.bfloat16(), **kw))
