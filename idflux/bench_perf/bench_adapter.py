@@ -57,13 +57,20 @@ def _ours_step(adapter: IdentityAdapter, img, ctx):
     return x
 
 
-def cases(device: torch.device, quick: bool = False) -> Iterator[Case]:
+def goal_cases(device: torch.device) -> Iterator[Case]:
+    """Issue 16's adapter goal: ours vs the released formulation at 1024^2 (full width on CUDA)."""
+    return cases(device, False, sizes=(1024,) if device.type == "cuda" else None, providers={"ours", "released"})
+
+
+def cases(device: torch.device, quick: bool = False, *, sizes=None, providers=None) -> Iterator[Case]:
     cuda = device.type == "cuda"
+    only = sizes
     if cuda:
         cfg, dtype, dname, sizes = AdapterConfig(), torch.bfloat16, "bf16", (512, 1024)
     else:
         cfg = AdapterConfig(hidden=256, heads=4, head_dim=64, n_blocks=8 if quick else 57, siglip_dim=768)
         dtype, dname, sizes = torch.float32, "fp32", (512,)
+    sizes = only or sizes
     backend = "auto"
     R = 4
     with torch.device(device):
@@ -80,13 +87,15 @@ def cases(device: torch.device, quick: bool = False) -> Iterator[Case]:
                  "hidden": cfg.hidden, "heads": cfg.heads, "blocks": cfg.n_blocks}
         with torch.no_grad():
             ctx_fixed = adapter.prepare(arc, sig, layout, backend=backend)
-        providers = {
+        fwds = {
             "ours": lambda: _ours_step(adapter, img, ctx_fixed),
             "ours+prepare": lambda: _ours_step(adapter, img, adapter.prepare(arc, sig, layout, backend=backend)),
             "released": lambda: _released_step(adapter, img, arc, sig, membership, R),
             "released+loops": lambda: _released_step(adapter, img, arc, sig, membership, R, loops=True),
         }
-        for name, fwd in providers.items():
+        for name, fwd in fwds.items():
+            if providers is not None and name not in providers:
+                continue
             fns = mode_fns(fwd, params)
             for mode in ("fwd", "fwd+bwd"):
                 yield Case(OP, name, mode, shape, dname, fns[mode],

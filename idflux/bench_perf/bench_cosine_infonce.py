@@ -95,9 +95,19 @@ def _providers(device: torch.device, gathered_fp32_bytes: int) -> list[str]:
     return out
 
 
-def cases(device: torch.device, quick: bool) -> Iterator[Case]:
-    """Yield the Cases of one size and provider at a time (their tensors are freed before the next)."""
-    for N, M, D, dt, shared in _sizes(device, quick):
+GOAL_PROVIDERS = {"triton_nocheck", "triton", "gathered_ce"}
+
+
+def goal_cases(device: torch.device) -> Iterator[Case]:
+    """Issue 17's cosine_infonce goal case: N 64, M 4096, D 512, per-row gallery indices (bf16 on CUDA)."""
+    dt = "bf16" if device.type == "cuda" else "fp32"
+    return cases(device, False, sizes=[(64, 4096, 512, dt, False)], providers=GOAL_PROVIDERS, modes={"fwd", "fwd+bwd"})
+
+
+def cases(device: torch.device, quick: bool, *, sizes=None, providers=None, modes=None) -> Iterator[Case]:
+    """Yield the Cases of one size and provider at a time (their tensors are freed before the next);
+    ``sizes`` ((N, M, D, dtype name, shared bank), ...), ``providers`` and ``modes`` restrict the sweep."""
+    for N, M, D, dt, shared in sizes or _sizes(device, quick):
         dtype = _DTYPES[dt]
         K = M if shared else max(2 * M, 8192)
         gen = torch.Generator(device=device).manual_seed(0)
@@ -119,8 +129,10 @@ def cases(device: torch.device, quick: bool) -> Iterator[Case]:
         note = "a bank shared by every row; tau=0.1" if shared else "neg_index into a gallery bank; tau=0.1"
         read = (K * D * elt) if shared else N * M * D * elt  # a shared bank need only be read once
         for provider in _providers(device, N * M * 4 if shared else N * M * D * 4):
+            if providers is not None and provider not in providers:
+                continue
             fns = mode_fns(forwards[provider], [g, pos])
-            for mode in MODES:
+            for mode in MODES if modes is None else [m for m in MODES if m in modes]:
                 passes = 2 if mode == "fwd+bwd" else 1
                 # fwd: the candidate rows once + g, pos; bwd: the rows again + g, pos read and their
                 # gradients written; fwd+bwd: one read of the rows (the bound of a fused pass) + both

@@ -105,18 +105,33 @@ def _touched_bytes(matrices: torch.Tensor, channels: int, interpolation: str, el
     return float(area.clamp(max=_TAPS[interpolation]).sum()) * CROP * CROP * channels * elem
 
 
-def cases(device: torch.device, quick: bool) -> Iterator[Case]:
+GOAL_PROVIDERS = {"triton_nocheck", "triton", "grid_sample_bicubic", "grad_write"}
+
+
+def goal_cases(device: torch.device) -> Iterator[Case]:
+    """Issue 17's face_warp goal case: 8 images 1024^2 -> 112^2 crops, bicubic, fwd+bwd (and the
+    backward against writing the image gradient), bf16 then fp32 on CUDA; fp32 at 512^2 on a CPU."""
+    sweep = [(8, 1024, "bf16"), (8, 1024, "fp32")] if device.type == "cuda" else [(1, 512, "fp32")]
+    return cases(device, False, sweep=sweep, interps=("bicubic",), providers=GOAL_PROVIDERS, modes={"bwd", "fwd+bwd"})
+
+
+def cases(device: torch.device, quick: bool, *, sweep=None, interps=("bilinear", "bicubic"), providers=None,
+          modes=None) -> Iterator[Case]:
     """CUDA: B in {1, 8, 32} at 512^2 and 1024^2 (fp32; bf16 too at 1024^2), 2 faces per image, the
     goal shapes (32 and 1 images at 1024^2) first.
-    CPU: B in {1, 4} at 512^2, fp32 (``quick``: B = 1 only)."""
-    if device.type == "cuda":
+    CPU: B in {1, 4} at 512^2, fp32 (``quick``: B = 1 only). ``sweep`` ((images, side, dtype name),
+    ...), ``interps``, ``providers`` and ``modes`` restrict it (:func:`goal_cases`)."""
+    keep = (lambda name: True) if providers is None else (lambda name: name in providers)
+    if sweep is not None:
+        pass
+    elif device.type == "cuda":
         # The goal shapes first (a time-limited GPU run measures them before anything else).
         first = [(32, 1024, "fp32"), (32, 1024, "bf16"), (1, 1024, "fp32")]
         rest = [(b, s, "fp32") for s in (512, 1024) for b in (1, 8, 32)] + [(b, 1024, "bf16") for b in (1, 8)]
         sweep = first + [c for c in rest if c not in first]
     else:
         sweep = [(1, 512, "fp32")] + ([] if quick else [(4, 512, "fp32")])
-    providers = ["ref"] + (["triton", "triton_nocheck", "triton_scatter_bwd"] if device.type == "cuda" and HAS_TRITON else [])
+    ours = ["ref"] + (["triton", "triton_nocheck", "triton_scatter_bwd"] if device.type == "cuda" and HAS_TRITON else [])
     try:
         import kornia  # noqa: F401
 
@@ -133,11 +148,11 @@ def cases(device: torch.device, quick: bool) -> Iterator[Case]:
         elem = images.element_size()
         n_faces = lmk.shape[0]
         crop_bytes = n_faces * 3 * CROP * CROP * elem
-        for interp in ("bilinear", "bicubic"):
+        for interp in interps:
             shape = {"B": batch, "H": side, "W": side, "faces": n_faces, "size": CROP, "interp": interp}
             fns = {p: (lambda p=p, interp=interp: face_warp(images, lmk, index, size=CROP, interpolation=interp,
                                                             backend="torch" if p == "ref" else "triton", check=p == "triton"))
-                   for p in providers}
+                   for p in ours}
             fns[f"grid_sample_{interp}"] = lambda interp=interp: grid_sample_warp(images, matrices, index, CROP, interp)
             if has_kornia:
                 fns["kornia"] = lambda interp=interp: kornia_warp(images, matrices, index, CROP, interp)
@@ -146,13 +161,18 @@ def cases(device: torch.device, quick: bool) -> Iterator[Case]:
             bwd_bytes = images.numel() * elem + crop_bytes
             work = {"fwd": (flops, fwd_bytes), "bwd": (flops, bwd_bytes), "fwd+bwd": (2 * flops, fwd_bytes + bwd_bytes)}
             for provider, forward in fns.items():
+                if not keep(provider):
+                    continue
                 note = "" if provider.startswith(("ref", "triton")) else "matrices precomputed"
                 for mode, fn in mode_fns(forward, [images]).items():
+                    if modes is not None and mode not in modes:
+                        continue
                     if provider == "triton_scatter_bwd":  # the strategy is read when the backward runs
                         fn = with_setting("idflux.kernels.face_warp", "BWD", "scatter", fn)
                     yield Case(OP, provider, mode, shape, dtype_name, fn, flops=work[mode][0], bytes=work[mode][1], note=note,
                                graph=provider in CAPTURABLE)
-            grad_buf = torch.empty_like(images)
-            yield Case(OP, "grad_write", "bwd", shape, dtype_name, grad_buf.zero_, bytes=images.numel() * elem,
-                       note="zero_() of the image gradient: the backward's bound", graph=True)
-            del grad_buf
+            if keep("grad_write"):
+                grad_buf = torch.empty_like(images)
+                yield Case(OP, "grad_write", "bwd", shape, dtype_name, grad_buf.zero_, bytes=images.numel() * elem,
+                           note="zero_() of the image gradient: the backward's bound", graph=True)
+                del grad_buf

@@ -49,7 +49,13 @@ class _default_dtype:
         torch.set_default_dtype(self.saved)
 
 
-def cases(device: torch.device, quick: bool = False) -> Iterator[Case]:
+def goal_cases(device: torch.device) -> Iterator[Case]:
+    """Issue 16's sampling-step goal: one full FLUX step with and without the adapter at 1024^2
+    (CUDA; the CPU runs the tiny preset's larger size)."""
+    return cases(device, False, sizes=(1024,) if device.type == "cuda" else (128,))
+
+
+def cases(device: torch.device, quick: bool = False, *, sizes=None) -> Iterator[Case]:
     from idflux.engine.flux import flux_forward, image_ids
 
     cuda = device.type == "cuda"
@@ -57,7 +63,7 @@ def cases(device: torch.device, quick: bool = False) -> Iterator[Case]:
     flux.requires_grad_(False).eval()
     with torch.device(device), _default_dtype(dtype):
         adapter = IdentityAdapter(cfg).to(dtype).requires_grad_(False)
-    sizes = (512, 1024) if cuda else (64, 128)
+    sizes = sizes or ((512, 1024) if cuda else (64, 128))
     R = 4
     for size in sizes:
         grid = size // 16

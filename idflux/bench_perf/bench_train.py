@@ -9,9 +9,11 @@ Providers:
   released+loops  the same with the masks built as the released code builds them once per forward:
              Python loops over images, references, heads and tokens into a CPU bool tensor
              (B, heads, L, refs * tokens), then copied to the device
-CPU: the tiny preset (batch 2 at 64^2). CUDA: FLUX at full width with reduced depth (2 double +
-4 single blocks, random weights, bf16) and the full-width adapter, 512^2, batch 1-4, 2 faces each
-(the goal: >= 1.25x the released formulation per step).
+CPU: the tiny preset (batch 2 at 64^2) and the overhead shape at FLUX.1-dev width (hidden 3072,
+1 double + 1 single block, 64^2, batch 1: per-block host work and weight traffic with few tokens).
+CUDA: the whole flux-dev step (19 + 38 blocks, hidden 3072, random weights, bf16, the adapter on all
+57 blocks) at 512^2, batch 1 (the goal: >= 1.25x the released formulation per step), then full
+width with reduced depth (2 double + 4 single blocks), 512^2, batch 1-4, 2 faces each.
 """
 
 from __future__ import annotations
@@ -63,45 +65,56 @@ class _ReleasedAdapter(torch.nn.Module):
         return out
 
 
-def _model(cuda: bool):
+FLUX_DEV_DEPTH = (19, 38)  # double, single blocks of FLUX.1-dev
+GPU_DEPTH = (2, 4)  # the reduced-depth sweep at full width
+
+
+def _model(device: torch.device, depth: tuple[int, int] | None = None, heads: int = 24):
+    """(model, cfg) on ``device``: the tiny preset (random models, fp32) with, when ``depth`` is given,
+    its FLUX transformer replaced by one at FLUX.1-dev width (``heads`` x 128; 24 is flux-dev's
+    3072) with ``depth`` = (double, single) blocks, random weights, frozen, and an adapter of as
+    many blocks at that width (bf16 on CUDA, fp32 on a CPU)."""
     from idflux.train.config import tiny
     from idflux.train.model import TrainModel
 
-    cfg = tiny(out="/tmp/idflux-bench-train")
-    if not cuda:
-        return TrainModel.build(cfg), cfg, [2], 64
+    cfg = tiny(out="/tmp/idflux-bench-train", flux="random")
+    model = TrainModel.build(cfg)
+    if depth is None:
+        return model.to(device), cfg
     from diffusers import FluxTransformer2DModel
 
+    from idflux.bench_perf.bench_sample import _default_dtype
     from idflux.engine.adapter import AdapterConfig, IdentityAdapter
 
-    model = TrainModel.build(cfg)
-    with torch.device("cuda"):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    acfg = model.adapter.cfg
+    with torch.device(device), _default_dtype(dtype):  # built in its dtype: never 48 GB of fp32 first
         model.transformer = model.parts.transformer = FluxTransformer2DModel(
-            num_layers=2, num_single_layers=4, in_channels=16, joint_attention_dim=32, pooled_projection_dim=16,
-            guidance_embeds=True).to(torch.bfloat16).requires_grad_(False)
-        model.adapter = IdentityAdapter(AdapterConfig(n_blocks=6, arc_dim=model.adapter.cfg.arc_dim,
-                                                      siglip_dim=model.adapter.cfg.siglip_dim,
-                                                      siglip_tokens=model.adapter.cfg.siglip_tokens)).to(torch.bfloat16)
-    cfg.size = 512
-    return model.cuda(), cfg, [1, 2, 4], 512
+            num_layers=depth[0], num_single_layers=depth[1], in_channels=16, num_attention_heads=heads,
+            joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True).requires_grad_(False)
+        model.adapter = IdentityAdapter(AdapterConfig(hidden=heads * 128, heads=heads, n_blocks=sum(depth), arc_dim=acfg.arc_dim,
+                                                      siglip_dim=acfg.siglip_dim, siglip_tokens=acfg.siglip_tokens))
+    return model.to(device), cfg
 
 
-def cases(device: torch.device, quick: bool = False) -> Iterator[Case]:
+def _step_cases(model, cfg, device: torch.device, batches, size: int, extra_shape: dict, providers=None) -> Iterator[Case]:
     from idflux.train.data_pipeline import build_dataset, collate
 
     cuda = device.type == "cuda"
-    model, cfg, batches, size = _model(cuda)
+    cfg.size = size
     model.train()
     ds = build_dataset(cfg)
     ours = model.adapter
-    released = _ReleasedAdapter(ours)
-    released_loops = _ReleasedAdapter(ours, loops=True)
-    for B in batches[:1] if quick else batches:
+    adapters = {"ours": ours, "released": _ReleasedAdapter(ours), "released+loops": _ReleasedAdapter(ours, loops=True)}
+    for B in batches:
         batch = collate([ds.sample(i, cfg.phases[1]) for i in range(B)], device)
         shape = {"batch": B, "image": size, "faces": int(batch.landmarks.shape[0]), "hidden": ours.cfg.hidden,
-                 "blocks": ours.cfg.n_blocks}
-        for name, adapter in (("ours", ours), ("released", released), ("released+loops", released_loops)):
-            def step(adapter=adapter):
+                 "blocks": ours.cfg.n_blocks, **extra_shape}
+        for name, adapter in adapters.items():
+            if providers is not None and name not in providers:
+                continue
+
+            def step(adapter=adapter, batch=batch, B=B):
                 model.adapter = adapter
                 try:
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
@@ -113,3 +126,37 @@ def cases(device: torch.device, quick: bool = False) -> Iterator[Case]:
                     p.grad = None
             yield Case(OP, name, "fwd+bwd", shape, "bf16" if cuda else "fp32", step,
                        note="one step: flow matching + identity + contrastive, forward and backward")
+
+
+def flux_width_cases(device: torch.device, depth: tuple[int, int] = (1, 1), size: int = 64, batches=(1,), heads: int = 24,
+                     providers=None) -> Iterator[Case]:
+    """Training steps with the FLUX transformer and the adapter at FLUX.1-dev width (``heads`` x 128)
+    on ``depth`` = (double, single) blocks: on a CPU at 64^2 the overhead shape (per-block host work
+    and weight traffic, few tokens); on CUDA at full depth the whole flux-dev step."""
+    model, cfg = _model(device, depth, heads)
+    width = "flux-dev" if heads == 24 else f"{heads * 128}"
+    yield from _step_cases(model, cfg, device, batches, size, {"width": width, "depth": f"{depth[0]}+{depth[1]}"}, providers)
+
+
+def goal_cases(device: torch.device) -> Iterator[Case]:
+    """Issue 17's training-step goal: the whole flux-dev step (19 + 38 blocks at full width, the
+    adapter on all 57), batch 1 at 512^2, ours vs the released formulation (CUDA; on a CPU the
+    flux-dev width overhead shape stands in)."""
+    if device.type == "cuda":
+        return flux_width_cases(device, FLUX_DEV_DEPTH, 512, (1,), providers={"ours", "released"})
+    return flux_width_cases(device, (1, 1), 64, (1,), providers={"ours", "released"})
+
+
+def cases(device: torch.device, quick: bool = False) -> Iterator[Case]:
+    """CPU: the tiny preset (batch 2 at 64^2), then (not ``quick``) the flux-dev width overhead shape
+    (1 double + 1 single block, 64^2, batch 1). CUDA: the whole flux-dev step at 512^2, then full
+    width at reduced depth (2 + 4 blocks), 512^2, batch 1-4."""
+    if device.type == "cuda":
+        yield from flux_width_cases(device, FLUX_DEV_DEPTH, 512, (1,))
+        yield from flux_width_cases(device, GPU_DEPTH, 512, (1,) if quick else (1, 2, 4))
+        return
+    model, cfg = _model(device)
+    yield from _step_cases(model, cfg, device, (2,), 64, {})
+    del model
+    if not quick:
+        yield from flux_width_cases(device, (1, 1), 64, (1,))
