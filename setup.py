@@ -18,6 +18,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
         "diffusers>=0.32",
+        "peft>=0.15",  # LoRA on the FLUX backbone (idflux.engine.lora, via diffusers)
         "transformers>=4.46",
         "safetensors>=0.4",
         "numba",
