@@ -69,7 +69,7 @@ def read_reference_image(image, name: str = "ref_images[0]") -> np.ndarray:
         try:
             with Image.open(path) as img:
                 img.load()  # decodes everything: a truncated file fails here, not later
-                return np.asarray(img.convert("RGB"))
+                return np.array(img.convert("RGB"))
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             raise ValueError(f"{name}: {path} is not a readable image ({exc})") from None
     try:
@@ -105,7 +105,8 @@ class IDFluxPipeline(DiffusionPipeline):
     def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, adapter: IdentityAdapter,
                  face_detector: BaseFaceDetector | None = None, siglip: SiglipFaceEncoder | None = None, *,
                  max_text_tokens: int = 512, device="cpu", dtype: torch.dtype = torch.float32, backend: str = "auto",
-                 offload: bool = False, fp8: bool = False, cuda_graph: bool = False, default_size: int = 1024):
+                 offload: bool = False, fp8: bool = False, cuda_graph: bool = False, group_offload: bool = False,
+                 default_size: int = 1024):
         super().__init__()
         parts = FluxParts(transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, max_text_tokens)
         _check_compatible(parts, adapter, siglip)
@@ -113,7 +114,7 @@ class IDFluxPipeline(DiffusionPipeline):
                               text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, adapter=adapter,
                               face_detector=face_detector, siglip=siglip)
         self.engine = Pipeline(parts, adapter, device=device, dtype=dtype, backend=backend, offload=offload, fp8=fp8,
-                               cuda_graph=cuda_graph)
+                               cuda_graph=cuda_graph, group_offload=group_offload)
         if siglip is not None:
             siglip.to(self.engine.device, dtype)
         self.default_size = default_size
@@ -125,34 +126,39 @@ class IDFluxPipeline(DiffusionPipeline):
     def from_pretrained(cls, source: str | os.PathLike = "tiny", *, adapter: str | os.PathLike | None = None,
                         face_models: str | os.PathLike | None = None, siglip: str | os.PathLike | None = None,
                         torch_dtype: torch.dtype | None = None, fp8: bool = False, offload: bool = False,
-                        lora: str | os.PathLike | None = None, lora_scale: float = 1.0, device=None,
-                        backend: str = "auto", cuda_graph: bool = False, flux_transformer: str | os.PathLike | None = None,
-                        seed: int = 0, **weight_kwargs) -> "IDFluxPipeline":
+                        group_offload: bool = False, lora=None, lora_scale: float = 1.0, device=None,
+                        backend: str = "auto", cuda_graph: bool = False, transformer: str | os.PathLike | None = None,
+                        ae: str | os.PathLike | None = None, clip: str | os.PathLike | None = None,
+                        t5: str | os.PathLike | None = None, flux_transformer: str | os.PathLike | None = None,
+                        tiny_world: str | os.PathLike | None = None, seed: int = 0) -> "IDFluxPipeline":
         """Build the pipeline; nothing is downloaded.
 
-        source: ``"tiny"`` (random tiny models built in code, CPU, seconds) or FLUX.1-dev: a local
-            diffusers folder (``black-forest-labs/FLUX.1-dev`` layout). ``flux_transformer``: the
-            transformer from a single BFL file instead.
+        source: ``"tiny"`` (the tiny preset, CPU, seconds: the shipped trained tiny world when it is
+            built (``tiny_world``: another world folder), else random tiny models), ``"tiny-random"``
+            (always the random tiny models), or FLUX.1-dev: a diffusers folder, a folder of BFL files,
+            a Hub id in the local cache or a single transformer file (see
+            :func:`idflux.engine.loading.load_flux`; ``transformer``/``ae``/``clip``/``t5`` override a part,
+            ``flux_transformer`` is the older name of ``transformer``).
         adapter: an idflux adapter file (``idflux export`` / ``save_adapter``), for both presets, or
             the released ``withanyone.safetensors`` (FLUX.1-dev); None: the tiny preset's own adapter
             (required for FLUX.1-dev).
-        face_models: insightface antelopev2 folder (required for FLUX.1-dev; tiny: the stand-in).
+        face_models: insightface antelopev2 folder (required for FLUX.1-dev; tiny: its stand-in).
         siglip: ``google/siglip-base-patch16-256-i18n`` folder (required for FLUX.1-dev).
-        torch_dtype: default bf16 on CUDA, fp32 on the CPU. device: default CPU (move with ``.to``).
-        lora: a LoRA file for the FLUX backbone, loaded with :meth:`load_lora_weights` at ``lora_scale``.
-        Missing FLUX.1-dev inputs are named all at once in one ValueError.
+        torch_dtype: default bf16 on CUDA, fp32 on the CPU. device: default CPU (or move with ``.to``).
+        fp8 / offload / group_offload: low-VRAM options (fp8 weights converted on the CPU while loading;
+            text encoders and VAE on the CPU between stages; transformer blocks streamed to the device).
+        lora: a LoRA file, or a list of files or (file, scale) pairs, loaded with
+            :meth:`load_lora_weights` (``lora_scale`` for plain files).
+        Missing FLUX.1-dev inputs are named all at once in one error before any weight is read.
         """
         device = torch.device(device or "cpu")
         dtype = torch_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if str(source) == "tiny":
-            if weight_kwargs:
-                raise ValueError(f"from_pretrained: {sorted(weight_kwargs)} apply to FLUX.1-dev sources, not 'tiny'")
-            from idflux.engine.faces import tiny_face_models
-
-            parts, own = tiny_components(seed)
-            adapter_module = _adapter_from(adapter, tiny_adapter()) if adapter is not None else own
-            detector, encoder = tiny_face_models(arc_dim=adapter_module.cfg.arc_dim, siglip_dim=adapter_module.cfg.siglip_dim,
-                                                 siglip_tokens=adapter_module.cfg.siglip_tokens)
+        flux_kwargs = {k: v for k, v in (("transformer", transformer or flux_transformer), ("ae", ae), ("clip", clip),
+                                         ("t5", t5)) if v is not None}
+        if str(source) in ("tiny", "tiny-random"):
+            if flux_kwargs:
+                raise ValueError(f"from_pretrained: {sorted(flux_kwargs)} apply to FLUX.1-dev sources, not {str(source)!r}")
+            parts, adapter_module, detector, encoder = _tiny(str(source) == "tiny-random", tiny_world, adapter, seed)
             if face_models is not None:
                 detector = _face_detector(face_models)
             if siglip is not None:
@@ -164,19 +170,25 @@ class IDFluxPipeline(DiffusionPipeline):
             if missing:
                 raise ValueError(f"from_pretrained({str(source)!r}): FLUX.1-dev also needs {', '.join(missing)} (local paths; "
                                  "nothing is downloaded); for a quick CPU try without weights use source='tiny'")
-            parts = _load_flux_source(source, flux_transformer, dtype, weight_kwargs)
+            from idflux.engine.loading import load_flux
+
+            parts = load_flux(source, dtype=dtype, fp8=fp8, **flux_kwargs)
             adapter_module = _adapter_from(adapter, flux_dev_adapter())
             detector, encoder = _face_detector(face_models), SiglipFaceEncoder.from_pretrained(siglip)
             default_size = 1024
         pipe = cls(parts.transformer, parts.vae, parts.clip, parts.clip_tokenizer, parts.t5, parts.t5_tokenizer,
                    adapter_module, detector, encoder, max_text_tokens=parts.max_text_tokens, device=device, dtype=dtype,
-                   backend=backend, offload=offload, fp8=fp8, cuda_graph=cuda_graph, default_size=default_size)
+                   backend=backend, offload=offload, fp8=fp8, cuda_graph=cuda_graph, group_offload=group_offload,
+                   default_size=default_size)
         pipe.source = {"source": str(source), "adapter": None if adapter is None else str(adapter),
                        "face_models": None if face_models is None else str(face_models),
                        "siglip": None if siglip is None else str(siglip), "fp8": fp8, "offload": offload,
-                       "lora": None if lora is None else str(lora)}
-        if lora is not None:
-            pipe.load_lora_weights(lora, scale=lora_scale)
+                       "group_offload": group_offload}
+        loras = [] if lora is None else [lora] if isinstance(lora, (str, os.PathLike)) else list(lora)
+        for i, item in enumerate(loras):
+            path, scale = item if isinstance(item, (tuple, list)) else (item, lora_scale)
+            pipe.load_lora_weights(path, adapter_name=f"lora{i}", scale=scale)
+        pipe.source["lora"] = [str(x[0] if isinstance(x, (tuple, list)) else x) for x in loras]
         return pipe
 
     def load_lora_weights(self, path: str | os.PathLike, adapter_name: str | None = None, scale: float = 1.0):
@@ -413,10 +425,30 @@ def _face_detector(path) -> BaseFaceDetector:
     return FaceDetector(path)
 
 
-def _load_flux_source(source, transformer_file, dtype, weight_kwargs) -> FluxParts:
-    from idflux.engine.loading import load_flux
+def _tiny(random_only: bool, world_root, adapter, seed: int):
+    """(parts, adapter, detector, siglip) of the tiny preset: the trained tiny world when built (or
+    ``world_root``), else the random tiny models."""
+    from idflux.engine.loading import load_tiny_world, tiny_world_available
 
-    return load_flux(source, transformer_file=transformer_file, dtype=dtype, **weight_kwargs)
+    if not random_only and (world_root is not None or tiny_world_available()):
+        from idflux.engine.faces import CenterFaceDetector
+
+        world = load_tiny_world(world_root)
+        if adapter is not None:
+            module = _adapter_from(adapter, world.adapter_config)
+        elif world.adapter_path is not None:
+            module = _adapter_from(world.adapter_path, world.adapter_config)
+        else:
+            torch.manual_seed(seed)
+            module = IdentityAdapter(world.adapter_config)
+        return world.parts, module, CenterFaceDetector(world.recognizer), world.siglip
+    from idflux.engine.faces import tiny_face_models
+
+    parts, own = tiny_components(seed)
+    module = _adapter_from(adapter, tiny_adapter()) if adapter is not None else own
+    detector, encoder = tiny_face_models(arc_dim=module.cfg.arc_dim, siglip_dim=module.cfg.siglip_dim,
+                                         siglip_tokens=module.cfg.siglip_tokens)
+    return parts, module, detector, encoder
 
 
 def _check_compatible(parts: FluxParts, adapter: IdentityAdapter, siglip: SiglipFaceEncoder | None) -> None:

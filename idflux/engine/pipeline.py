@@ -20,7 +20,7 @@ from idflux.engine.adapter import IdentityAdapter, RegionLayout, tiny_adapter
 from idflux.engine.flux import flux_forward, image_ids, pack_latents, unpack_latents
 from idflux.engine.graphs import GraphedStep
 from idflux.engine.loading import FluxParts, tiny_flux_parts
-from idflux.engine.lowvram import on_device, store_linears_fp8
+from idflux.engine.lowvram import enable_group_offload, on_device, store_linears_fp8
 from idflux.engine.profiling import nvtx_range
 from idflux.engine.regions import TOKEN_PIXELS, boxes_to_membership, parse_boxes
 from idflux.engine.sampling import euler_sample, sampling_mu, schedule
@@ -86,12 +86,13 @@ class Pipeline:
     """FLUX + identity adapter. Build with :meth:`tiny` (random, CPU, seconds) or from local weights."""
 
     def __init__(self, parts: FluxParts, adapter: IdentityAdapter, *, device="cpu", dtype=torch.float32, backend="auto",
-                 offload: bool = False, fp8: bool = False, cuda_graph: bool = False):
+                 offload: bool = False, fp8: bool = False, cuda_graph: bool = False, group_offload: bool = False):
         """offload: keep the text encoders and the VAE on the CPU, moving each to ``device`` only for its
         stage. fp8: store the frozen FLUX transformer's Linear weights in float8 (upcast per matmul).
         cuda_graph: capture the denoising step (FLUX + adapter) once per generation in a CUDA graph
         and replay it at every step (no Python or launch work between kernels; see
-        :class:`idflux.engine.graphs.GraphedStep`); CUDA only."""
+        :class:`idflux.engine.graphs.GraphedStep`); CUDA only. group_offload: the transformer stays on
+        the CPU and its blocks move to ``device`` one group at a time (diffusers group offloading, CUDA)."""
         self.parts, self.adapter = parts, adapter
         self.device, self.dtype, self.backend, self.offload = torch.device(device), dtype, backend, offload
         if cuda_graph and self.device.type != "cuda":
@@ -100,11 +101,14 @@ class Pipeline:
         self.cuda_graph = cuda_graph
         if fp8:  # on the CPU, before the move: the full-precision transformer never reaches the device
             store_linears_fp8(parts.transformer)
+        streamed = group_offload and self.device.type == "cuda"
         for m in (parts.transformer, parts.vae, parts.clip, parts.t5, adapter):
             if any(p.dtype != dtype for p in m.parameters()):
                 m.to(dtype)
-            if not (offload and m in (parts.vae, parts.clip, parts.t5)):
+            if not (offload and m in (parts.vae, parts.clip, parts.t5)) and not (streamed and m is parts.transformer):
                 m.to(self.device)
+        if streamed:
+            enable_group_offload(parts.transformer, self.device)
 
     @classmethod
     def tiny(cls, seed: int = 0, **kw) -> "Pipeline":
@@ -245,7 +249,7 @@ def draw_boxes(image, boxes, prompt: str = ""):
         draw.text((4, 2), "all references: whole image", fill=colours[0], font=font)
     for i, (x1, y1, x2, y2) in enumerate(boxes or []):
         colour = colours[i % len(colours)]
-        draw.rectangle((x1, y1, x2 - 1, y2 - 1), outline=colour, width=2)
+        draw.rectangle((x1, y1, max(x2 - 1, x1), max(y2 - 1, y1)), outline=colour, width=2)
         draw.text((x1 + 3, y1 + 2), f"ref {i}", fill=colour, font=font)
     if prompt:
         text = prompt if len(prompt) <= max(W // 6, 8) else prompt[: max(W // 6, 8) - 3] + "..."

@@ -41,7 +41,7 @@ def test_cases_written_by_eval_drive_generate_and_come_back(tmp_path, capsys):
     for e in entries:
         image = np.asarray(Image.open(gen / e["out"]))
         assert image.shape == (64, 64, 3)
-        assert json.loads((gen / e["out"]).with_suffix(".json").read_text())["case"] == e["id"]
+        assert json.loads((gen / (e["out"] + ".json")).read_text())["case"] == e["id"]  # <image name>.json
 
     report = tmp_path / "report.json"
     assert main(["eval", "--bench", str(bench / "bench.json"), "--generated", str(gen), "--face-models",
