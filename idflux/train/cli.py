@@ -85,8 +85,7 @@ def config_from_args(args) -> C.TrainConfig:
     if getattr(args, "synthetic_data", False):
         overrides["synthetic_data"] = True
     lr = getattr(args, "lr", None)
-    cfg = C.resolve(file=file, overrides={k: v for k, v in overrides.items()}, where=f"--config {args.config}"
-                    if getattr(args, "config", None) else "--config")
+    cfg = C.resolve(file=file, overrides=overrides, where=f"--config {getattr(args, 'config', None) or ''}".strip())
     if lr is not None:
         for phase in cfg.phases:
             phase.lr = lr

@@ -321,13 +321,13 @@ def test_adapter_init_is_used_by_the_tiny_preset(tmp_path):
     from idflux.engine.weights import save_adapter
     from idflux.train.model import TrainModel
 
-    cfg = tiny(out=str(tmp_path))
+    cfg = tiny(out=str(tmp_path), flux="random")
     src = TrainModel.build(cfg).adapter
     with torch.no_grad():
         for p in src.parameters():
             p.add_(torch.randn_like(p))
     save_adapter(src, tmp_path / "init.safetensors")
-    got = TrainModel.build(tiny(out=str(tmp_path), adapter_init=str(tmp_path / "init.safetensors"))).adapter
+    got = TrainModel.build(tiny(out=str(tmp_path), flux="random", adapter_init=str(tmp_path / "init.safetensors"))).adapter
     for k, v in src.state_dict().items():
         assert torch.equal(got.state_dict()[k], v), f"--adapter-init ignored: {k}"
 
