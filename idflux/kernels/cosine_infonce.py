@@ -191,11 +191,12 @@ def _cosine_infonce_shared_fwd_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.where(keep, tl.exp(s - m_new[:, None]), 0.0)
         l_i = l_i * alpha + tl.sum(p, 1)
-        pw = p * inv_n[None, :]
         if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(pw, xf, input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(p * inv_n[None, :], xf, input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(pw.to(op_dtype), x)
+            # The normalised candidates (|.| <= 1) as the operand, not p / ||x||: for a zero or tiny
+            # candidate 1 / ||x|| reaches 1e6, which overflows fp16 (inf * 0 = NaN in the dot).
+            acc = acc * alpha[:, None] + tl.dot(p.to(op_dtype), (xf * inv_n[:, None]).to(op_dtype))
         m_i = m_new
     out = rows * SPLITS + split
     tl.store(part_m_ptr + out, m_i, mask=rmask)
@@ -247,7 +248,10 @@ def _cosine_infonce_merge_kernel(
     # partial as "no candidate", and GPU max/maximum drop NaN operands).
     bad = (s_pos != s_pos) | (tl.sum(tl.where((sp < SPLITS) & ((pl != pl) | (pm != pm)), 1, 0), 0) > 0)
     nan = float("nan")
-    dg = tl.where(bad, nan, tl.where(has_neg, dg, 0.0))
+    # An excluded candidate's NaN/inf still reaches the gradient (0 * NaN in the weighted sum), as
+    # in the reference's matmul backward, even when the row keeps no candidate at all.
+    bad_dg = bad | (tl.sum(tl.where(dmask & (acc != acc), 1, 0), 0) > 0)
+    dg = tl.where(g_norm < eps, 0.0, tl.where(bad_dg, nan, tl.where(has_neg, dg, 0.0)))  # zero rows: always 0
 
     tl.store(loss_ptr + row, tl.where(bad, nan, tl.where(has_neg, lse - s_pos, 0.0)))
     tl.store(lse_ptr + row, tl.where(bad, nan, tl.where(has_neg, lse, s_pos)))
