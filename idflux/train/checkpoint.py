@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import socket
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -225,7 +227,7 @@ def _load_state(f: Path) -> dict:
     try:
         with torch.serialization.safe_globals([multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]):
             state = torch.load(f, map_location="cpu", weights_only=True)
-    except __import__("pickle").UnpicklingError as exc:
+    except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[-1][:300]
         raise CheckpointError(f"{f} was refused: it holds objects other than tensors and plain containers, which are "
                               f"never unpickled ({first})") from None
@@ -327,8 +329,6 @@ def run_lock(out: str | Path):
     warning) and taken over. A lock from another host cannot be checked: the error says which
     file to delete if no run uses the folder.
     """
-    import warnings
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = (out / LOCK_FILE).resolve()

@@ -8,7 +8,6 @@ line overrides; :meth:`TrainConfig.validate` checks every field before any work 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
