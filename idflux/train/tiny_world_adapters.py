@@ -9,7 +9,8 @@ frozen world, each with :func:`idflux.train.trainer.train` (the same loop, losse
 - ``flow``: flow matching only (id_weight 0, cl_weight 0);
 - ``id``: + the GT-aligned ID loss on the pixel recogniser;
 - ``id_cl``: + the ID loss + InfoNCE against the recogniser's embeddings of the gallery pixels;
-  shipped as ``adapter.safetensors`` (the default of ``idflux generate --preset tiny``).
+- ``shipped``: the id_cl recipe trained longer (360 steps), shipped as ``adapter.safetensors`` (the
+  default of ``idflux generate --preset tiny``).
 """
 
 from __future__ import annotations
@@ -69,8 +70,11 @@ def world_config(out, data, world=None, *, steps: int = 600, batch_size: int = 8
                   sample_prompts=["a photo of two people in a park", "two people"])
 
 
-def stage_adapters(root: Path, steps: int = 150, batch_size: int = 4, seed: int = 15, work: Path | None = None) -> dict:
-    """Train the three arms for ``steps`` each on the world in ``root``; ship the id_cl arm."""
+def stage_adapters(root: Path, steps: int = 150, batch_size: int = 4, seed: int = 15, work: Path | None = None,
+                   shipped_steps: int = 360) -> dict:
+    """Train the three arms for ``steps`` each on the world in ``root`` (the trade-off table), then the
+    shipped adapter: the id_cl recipe trained for ``shipped_steps`` (``adapters/shipped.safetensors``,
+    copied to ``adapter.safetensors``). An arm whose file exists is kept (a killed stage resumes)."""
     import json
     import shutil
 
@@ -86,9 +90,10 @@ def stage_adapters(root: Path, steps: int = 150, batch_size: int = 4, seed: int 
     arms = {}
     folder = root / "adapters"
     folder.mkdir(parents=True, exist_ok=True)
-    for name, (idw, clw) in ARMS.items():
+    specs = [(name, idw, clw, steps) for name, (idw, clw) in ARMS.items()] + [("shipped", *ARMS["id_cl"], shipped_steps)]
+    for name, idw, clw, n_steps in specs:
         ta = time.time()
-        cfg = world_config(work / name, data, root, steps=steps, batch_size=batch_size, id_weight=idw, cl_weight=clw,
+        cfg = world_config(work / name, data, root, steps=n_steps, batch_size=batch_size, id_weight=idw, cl_weight=clw,
                            seed=seed)
         done = folder / f"{name}.safetensors"
         if done.is_file() and (folder / f"{name}.json").is_file():
@@ -108,9 +113,10 @@ def stage_adapters(root: Path, steps: int = 150, batch_size: int = 4, seed: int 
         (folder / f"{name}.json").write_text(json.dumps(info, indent=1))
         arms[name] = info
         _log(f"adapters: arm {name}: {info['final']} in {info['wall_s']} s")
-    shutil.copyfile(folder / "id_cl.safetensors", root / "adapter.safetensors.tmp")
+    shutil.copyfile(folder / "shipped.safetensors", root / "adapter.safetensors.tmp")
     (root / "adapter.safetensors.tmp").replace(root / "adapter.safetensors")
-    return _record(root, "adapters", {"arms": arms, "shipped": "adapter.safetensors = adapters/id_cl.safetensors",
+    return _record(root, "adapters", {"arms": arms, "shipped": "adapter.safetensors = adapters/shipped.safetensors "
+                                                              "(id_cl recipe, longer)",
                                       "data": {"samples": DATA_SAMPLES, "identities": WORLD["n_train_ids"]},
                                       "wall_s": round(time.time() - t0, 1)},
                    _files(folder) + [root / "adapter.safetensors"])
