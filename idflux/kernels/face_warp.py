@@ -26,7 +26,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from idflux.kernels._backend import HAS_TRITON, INTERPRET, resolve_backend
+from idflux.kernels._backend import HAS_TRITON, INTERPRET, check_interpreter_dtype, resolve_backend
 from idflux.kernels.face_warp_ref import (
     CUBIC_A, MIN_CORRELATION, MIN_EIGEN_RATIO, MIN_SPREAD, face_warp_ref, fit_matrices_ref,
 )
@@ -373,6 +373,58 @@ def _block(bicubic: bool) -> int:
     return (256 if bicubic else 1024) if INTERPRET else (128 if bicubic else 512)
 
 
+#: Registers per thread ptxas gives the warp kernels on sm_90 (triton 3.6, bf16; ``python -m
+#: idflux.bench_perf.ptx --op face_warp --regs``), rounded up to the allocation unit of 8.
+_REGS = {"fit": 56, "fwd": 80, "bwd_gather": 184, "bwd_scatter": 80}
+_ELEMENT = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
+
+
+def launch_plan(B: int, H: int, W: int, F: int, size: int = 112, interpolation: str = "bicubic",
+                dtype: torch.dtype = torch.bfloat16, n_sms: int = 132, *, channels: int = 3) -> dict:
+    """The GPU launches of one ``face_warp`` forward + backward (gather) on a part with ``n_sms`` SMs.
+
+    B images (C = ``channels``, H x W), F faces, ``size`` x ``size`` crops, ``dtype`` the images'.
+    Pure arithmetic, the sizing the launchers use on a GPU (the interpreter takes bigger tiles).
+    Returns a dict with, per launch (``fit``, ``fwd``, ``bwd``), a dict of ``grid``, ``programs``,
+    ``num_warps``, ``resident_per_sm`` (from ptxas' registers), ``programs_per_sm`` and ``waves``;
+    and ``read_bytes`` (forward: at most the crops' taps, C * size^2 * taps per face; the footprint,
+    not the image), ``crop_bytes`` (crops written, and read back as their gradient), ``grad_bytes``
+    (the dense image gradient the backward writes once: its bound).
+
+    Example (issue 17's goal shape: 8 images 1024^2, two faces each, bicubic 112^2 crops):
+        >>> plan = launch_plan(8, 1024, 1024, 16, 112, "bicubic", torch.bfloat16, 132)
+        >>> plan["fwd"]["grid"], plan["bwd"]["grid"]
+        ((16, 98), (8192,))
+    """
+    for name, v in (("B", B), ("H", H), ("W", W), ("F", F), ("size", size), ("n_sms", n_sms), ("channels", channels)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "F" else 1):
+            raise ValueError(f"launch_plan: {name} must be an int >= {0 if name == 'F' else 1}, got {v!r}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"launch_plan: interpolation={interpolation!r} is not one of {INTERPOLATIONS}")
+    if dtype not in _ELEMENT:
+        raise ValueError(f"launch_plan: dtype must be one of {tuple(_ELEMENT)}, got {dtype!r}")
+    bicubic = interpolation == "bicubic"
+    block = 128 if bicubic else 512  # _block() on a GPU
+    tile_h, tile_w = 16, 64  # _TILE_H, _TILE_W on a GPU
+
+    def launch(grid, warps, regs):
+        programs = math.prod(grid)
+        resident = max(1, min(65536 // (regs * 32 * warps), 2048 // (32 * warps)))
+        return {"grid": grid, "programs": programs, "num_warps": warps, "resident_per_sm": resident,
+                "programs_per_sm": programs / n_sms, "waves": programs / (resident * n_sms)}
+
+    elem = _ELEMENT[dtype]
+    taps = 16 if bicubic else 4
+    return {
+        "fit": launch((-(-F // 32),), 4, _REGS["fit"]),
+        "fwd": launch((F, -(-(size * size) // block)), 4, _REGS["fwd"]),
+        "bwd": launch((B * -(-H // tile_h) * -(-W // tile_w),), _GATHER_WARPS, _REGS["bwd_gather"]),
+        "read_bytes": F * channels * size * size * taps * elem,
+        "crop_bytes": F * channels * size * size * elem,
+        "grad_bytes": B * channels * H * W * elem,
+    }
+
+
 def _fit_triton(landmarks: torch.Tensor, size: int, transform: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(F, 2, 3) fp32 crop -> image matrices and (F,) bool degenerate flags, all faces in one launch."""
     matrices, flags, _, _ = _prepare_triton(landmarks, None, 0, size, transform, False, False)
@@ -582,6 +634,7 @@ def face_warp_valid(
     if F == 0:
         return torch.zeros(0, dtype=torch.bool, device=landmarks.device)
     if impl == "triton":  # one launch, no host-side tensor ops
+        check_interpreter_dtype("face_warp_valid", landmarks.dtype, landmarks.device)
         return _prepare_triton(landmarks, image_index, n_images, size, transform, False, outside=False)[1] == 0
     matrices, degenerate = fit_matrices_ref(landmarks, size, transform)
     return _validity(landmarks, image_index, n_images, matrices, degenerate)
@@ -656,6 +709,8 @@ def face_warp(
     if F == 0:
         return images.new_empty(0, C, size, size)
     if impl == "triton":
+        for t in (images, landmarks):  # before any launch: the interpreter computes bf16 wrongly
+            check_interpreter_dtype("face_warp", t.dtype, images.device)
         return _face_warp_triton(images, landmarks, image_index, size, transform, interpolation == "bicubic", lo, hi, check)
     matrices, degenerate = fit_matrices_ref(landmarks, size, transform)
     if check:

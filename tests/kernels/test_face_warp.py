@@ -699,3 +699,31 @@ def test_fit_launch_writes_status_index_and_backward_table(transform):
                                        msg=f"table (size {size}, bicubic {bicubic}, outside {outside})")
     assert face_warp_valid(lmk, index, 2, backend="triton").tolist() == [True, False, False, False, False, True]
     assert face_warp_valid(lmk, index, 2, backend="torch").tolist() == [True, False, False, False, False, True]
+
+
+@needs_interpreter
+def test_triton_interpreter_refuses_bf16():
+    """The interpreter computes bf16 wrongly (issue 15): backend="triton" on CPU refuses it, naming why."""
+    images, lmk, index = random_problem(1, 3, 20, 20, 2)
+    with pytest.raises(ValueError, match="face_warp.*interpreter.*bf16"):
+        face_warp(images.bfloat16(), lmk, index, size=8, backend="triton")
+    with pytest.raises(ValueError, match="face_warp.*interpreter.*bf16"):
+        face_warp(images, lmk.bfloat16(), index, size=8, backend="triton")
+    with pytest.raises(ValueError, match="face_warp_valid.*interpreter.*bf16"):
+        face_warp_valid(lmk.bfloat16(), index, 1, backend="triton")
+    assert face_warp(images.bfloat16(), lmk, index, size=8).dtype == torch.bfloat16  # auto: the reference
+
+
+def test_launch_plan_at_the_goal_shape():
+    """Issue 17: 8 images 1024^2, two faces each, bicubic 112^2 crops, bf16, on a 132-SM part."""
+    from idflux.kernels.face_warp import launch_plan
+    plan = launch_plan(8, 1024, 1024, 16, 112, "bicubic", torch.bfloat16, 132)
+    assert plan["fwd"]["grid"] == (16, 98) and plan["bwd"]["grid"] == (8 * 16 * 64,) and plan["fit"]["grid"] == (1,)
+    # enough programs for every SM: the forward about two waves of resident programs, the backward many
+    assert plan["fwd"]["programs_per_sm"] >= plan["fwd"]["resident_per_sm"]
+    assert plan["bwd"]["programs_per_sm"] > 8
+    # the forward reads the footprint (16 taps per crop pixel at most), far less than the images
+    assert plan["read_bytes"] == 16 * 3 * 112 * 112 * 16 * 2 < plan["grad_bytes"] == 8 * 3 * 1024 * 1024 * 2
+    assert launch_plan(8, 1024, 1024, 16, 112, "bilinear", torch.float32, 132)["fwd"]["grid"] == (16, 25)
+    with pytest.raises(ValueError, match="interpolation"):
+        launch_plan(8, 64, 64, 1, interpolation="nearest")
