@@ -1,5 +1,6 @@
 """Every ``idflux`` subcommand runs: --help, and a real invocation."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -71,3 +72,53 @@ def test_generate_cuda_graph_off_cuda_is_a_clear_error(capsys):
             "--device", "cpu", "--cuda-graph"]
     assert main(argv) == 2
     assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    from idflux import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"idflux {__version__}"
+
+
+def test_env_prints_idflux_and_library_versions(capsys):
+    from idflux import __version__
+
+    assert main(["env", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["idflux"] == __version__
+    for name in ("diffusers", "transformers", "insightface", "gradio"):
+        assert info[name], name  # a version or "not installed"
+
+
+def _subparser(name):
+    from idflux.cli import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
+
+
+@pytest.mark.parametrize("command", ["generate", "export"])
+def test_every_option_has_help_and_shows_its_default(command):
+    p = _subparser(command)
+    assert issubclass(p.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
+    for action in p._actions:
+        assert action.help, f"{command} {action.option_strings or action.dest} has no help"
+    assert "(default:" in p.format_help()
+
+
+def test_parse_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--steps", "zero"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "--steps" in err and "--help" in err
+
+
+def test_export_errors_before_writing(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "no_run"), "--out", str(tmp_path / "a.safetensors")]) == 2
+    assert "neither a checkpoint folder" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "a.safetensors").exists()

@@ -89,3 +89,29 @@ def test_denoising_step_with_the_adapter_never_syncs_with_the_host():
     with torch.no_grad():
         step()  # first sight of the layout
         assert host_syncs(step) == []
+
+
+def test_released_shift_floor_divides_the_token_count_off_the_128_grid():
+    # 720^2: (90 * 90) / 256 = 31.64 tokens, the released inference floor-divides to 31
+    assert sampling_mu(720, 720, released_parity=True) == pytest.approx(flux_mu(31))
+    assert sampling_mu(720, 720, released_parity=True) != pytest.approx(flux_mu(8100 / 256))
+    assert sampling_mu(720, 1280, released_parity=True) == pytest.approx(flux_mu(90 * 160 // 256))  # 56, not 56.25
+    assert sampling_mu(720, 1280) == pytest.approx(flux_mu(45 * 80))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        sampling_mu(720, 1000)
+
+
+def test_non_square_boxes_map_to_the_right_tokens():
+    from idflux.engine.regions import parse_boxes
+
+    H, W = 32, 64  # 2 x 4 tokens
+    boxes = parse_boxes([(32, 0, 64, 32), (0, 0, 0.25, 1.0)], 2, H, W)
+    assert boxes == [(32, 0, 64, 32), (0, 0, 0.25, 1.0)]  # not all within 0..1: every box in pixels
+    membership = boxes_to_membership([parse_boxes([(32, 0, 64, 16)], 1, H, W)], H, W).view(2, 4)
+    assert membership.tolist() == [[0, 0, 1, 1], [0, 0, 0, 0]]
+    normalised = boxes_to_membership([parse_boxes([(0, 0.5, 0.25, 1.0)], 1, H, W)], H, W).view(2, 4)
+    assert normalised.tolist() == [[0, 0, 0, 0], [1, 0, 0, 0]]
+    whole = boxes_to_membership([parse_boxes(None, 3, H, W)], H, W)
+    assert (whole == 0b111).all(), "boxes=None: every reference on every token"
+    with pytest.raises(ValueError, match="non-finite"):
+        parse_boxes([(0, 0, float("inf"), float("inf"))], 1, H, W)
