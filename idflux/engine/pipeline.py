@@ -111,6 +111,15 @@ class Pipeline:
             enable_group_offload(parts.transformer, self.device)
 
     @classmethod
+    def from_pretrained(cls, source: str = "tiny", **kw) -> "Pipeline":
+        """The engine of :meth:`idflux.engine.IDFluxPipeline.from_pretrained` (same arguments: ``adapter``
+        for both presets, FLUX.1-dev sources, low-VRAM options); for training and evaluation code that
+        passes embeddings to :meth:`generate`. The face models stay with the IDFluxPipeline."""
+        from idflux.engine.diffusers_pipeline import IDFluxPipeline
+
+        return IDFluxPipeline.from_pretrained(source, **kw).engine
+
+    @classmethod
     def tiny(cls, seed: int = 0, **kw) -> "Pipeline":
         """The tiny preset (CPU, seconds): :func:`tiny_components` of ``seed``."""
         return cls(*tiny_components(seed), **kw)

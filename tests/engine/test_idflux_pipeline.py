@@ -140,6 +140,12 @@ def test_adapter_file_loads_for_the_tiny_preset_and_changes_the_image(tmp_path, 
     other.set_progress_bar_config(disable=True)
     for k, v in other.engine.adapter.state_dict().items():
         torch.testing.assert_close(v, state[k])
+    from idflux.engine.pipeline import Pipeline
+
+    engine = Pipeline.from_pretrained("tiny-random", adapter=tmp_path / "a.safetensors")
+    assert isinstance(engine, Pipeline)
+    for k, v in engine.adapter.state_dict().items():
+        torch.testing.assert_close(v, state[k])
     kw = dict(ref_images=[face()], height=32, width=32, num_inference_steps=1, output_type="pt")
     a = pipe("x", generator=torch.Generator().manual_seed(0), **kw).images
     b = other("x", generator=torch.Generator().manual_seed(0), **kw).images
