@@ -355,7 +355,19 @@ def test_weight_arguments_and_loading_from_args(tmp_path, models):
     args = weight_args(["--transformer", str(tmp_path / "flux1-dev.safetensors"), "--ae", str(tmp_path / "ae.safetensors"),
                         "--clip", str(tmp_path / "clip"), "--t5", str(tmp_path / "t5"), "--fp8", "--offload"])
     assert args.lora == [] and args.fp8 and args.offload and not args.group_offload
-    parts = load_parts_from_args(args, "cpu", torch.float32)
+    moved = []
+    real_to = FluxTransformer2DModel.to
+
+    def spy_to(self, *a, **kw):  # what the transformer holds when it is moved to the device
+        moved.append(sum(type(m) is torch.nn.Linear for m in self.modules()))
+        return real_to(self, *a, **kw)
+
+    FluxTransformer2DModel.to = spy_to
+    try:
+        parts = load_parts_from_args(args, "cpu", torch.float32)
+    finally:
+        FluxTransformer2DModel.to = real_to
+    assert moved and all(n == 0 for n in moved), f"full-precision Linears reached the device: {moved}"
     assert any(isinstance(m, Fp8Linear) for m in parts.transformer.modules())
     assert weight_args(["--flux-transformer", "x.safetensors"]).transformer == "x.safetensors"
     assert weight_args(["--lora", "a.safetensors:0.75", "--lora", "b.safetensors"]).lora == [("a.safetensors", 0.75),
