@@ -75,8 +75,10 @@ def stage_adapters(root: Path, steps: int = 150, batch_size: int = 4, seed: int 
     """Train the three arms for ``steps`` each on the world in ``root`` (the trade-off table), then the
     shipped adapter: the id_cl recipe trained for ``shipped_steps`` (``adapters/shipped.safetensors``,
     copied to ``adapter.safetensors``). An arm whose file exists is kept (a killed stage resumes)."""
+    import copy
     import json
-    import shutil
+
+    import torch
 
     from idflux.engine.weights import save_adapter
     from idflux.train.trainer import read_log, train
@@ -95,7 +97,8 @@ def stage_adapters(root: Path, steps: int = 150, batch_size: int = 4, seed: int 
         ta = time.time()
         cfg = world_config(work / name, data, root, steps=n_steps, batch_size=batch_size, id_weight=idw, cl_weight=clw,
                            seed=seed)
-        done = folder / f"{name}.safetensors"
+        # The shipped adapter is adapter.safetensors (fp32); the trade-off arms are stored in fp16 (25 MB budget).
+        done = root / "adapter.safetensors" if name == "shipped" else folder / f"{name}.safetensors"
         if done.is_file() and (folder / f"{name}.json").is_file():
             arms[name] = json.loads((folder / f"{name}.json").read_text())
             _log(f"adapters: arm {name} done already")
@@ -103,7 +106,8 @@ def stage_adapters(root: Path, steps: int = 150, batch_size: int = 4, seed: int 
         ckpts = Path(cfg.out) / "checkpoints"
         resume = ckpts.is_dir() and any(ckpts.iterdir())
         result = train(cfg, resume=resume, overwrite=not resume and Path(cfg.out).exists())
-        save_adapter(result["model"].adapter, done)
+        net = result["model"].adapter
+        save_adapter(net if name == "shipped" else copy.deepcopy(net).to(torch.float16), done)
         rows = read_log(result["log"])
         tail = rows[-max(len(rows) // 10, 1):]
         info = {"id_weight": idw, "cl_weight": clw, "steps": result["step"], "batch": batch_size, "seed": seed,
@@ -113,10 +117,8 @@ def stage_adapters(root: Path, steps: int = 150, batch_size: int = 4, seed: int 
         (folder / f"{name}.json").write_text(json.dumps(info, indent=1))
         arms[name] = info
         _log(f"adapters: arm {name}: {info['final']} in {info['wall_s']} s")
-    shutil.copyfile(folder / "shipped.safetensors", root / "adapter.safetensors.tmp")
-    (root / "adapter.safetensors.tmp").replace(root / "adapter.safetensors")
-    return _record(root, "adapters", {"arms": arms, "shipped": "adapter.safetensors = adapters/shipped.safetensors "
-                                                              "(id_cl recipe, longer)",
+    return _record(root, "adapters", {"arms": arms, "shipped": "adapter.safetensors: the id_cl recipe, longer "
+                                                              "(adapters/shipped.json); the arms in fp16",
                                       "data": {"samples": DATA_SAMPLES, "identities": WORLD["n_train_ids"]},
                                       "wall_s": round(time.time() - t0, 1)},
                    _files(folder) + [root / "adapter.safetensors"])

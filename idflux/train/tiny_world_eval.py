@@ -357,7 +357,7 @@ def evaluate_world(world: Path = ASSETS, out: Path = Path("idflux/bench_perf/res
     return summary
 
 
-def demo_report(model, out, *, n_cases: int = 12, steps: int = 20) -> dict:
+def demo_report(model, out, *, n_cases: int = 8, steps: int = 20) -> dict:
     """What ``idflux train --preset tiny`` (tiny world) adds to its run folder: ``sample_sheet.png``
     (held-out cases: references, GT with boxes, with the adapter, adapter off, references 1 and 2
     swapped, prompt) and the metrics measured on those cases (a quick look; the full figures come from
