@@ -564,14 +564,17 @@ class FluxParts:
 
 def load_flux(source: str | Path | None = None, *, transformer: str | Path | None = None, ae: str | Path | None = None,
               clip: str | Path | None = None, t5: str | Path | None = None, dtype=torch.bfloat16, device=None,
-              fp8: bool = False, max_text_tokens: int = 512, transformer_file: str | Path | None = None) -> FluxParts:
+              fp8: bool = False, fp8_t5: bool = False, max_text_tokens: int = 512,
+              transformer_file: str | Path | None = None) -> FluxParts:
     """Load FLUX.1-dev's four parts, offline, from the sources :func:`resolve_flux_sources` takes.
 
     source: diffusers folder, folder of BFL files, Hub id in the local cache, or a single transformer
     file; transformer / ae / clip / t5 override a part (``transformer_file`` is the older name of
     ``transformer``). Every part is located first: if any are missing, one
     :class:`MissingWeightsError` names them all before any weight is read. fp8: the transformer's
-    Linears are stored in float8 as they load (see :func:`load_transformer`). device: where all four
+    Linears are stored in float8 as they load (see :func:`load_transformer`). fp8_t5: the T5-XXL
+    encoder's Linears too, converted on the CPU (9.5 GB of bf16 -> about 4.8 GB: what lets the text
+    stage share a 24 GB GPU with the resident transformer and adapter). device: where all four
     modules go at the end (default: stay on the CPU; the transformer is never on the device in
     full precision when fp8 is set).
 
@@ -594,6 +597,10 @@ def load_flux(source: str | Path | None = None, *, transformer: str | Path | Non
     vae = load_vae(found["vae"], dtype=dtype)
     clip_model, clip_tok = _text_encoder(found["clip"], CLIPTextModel, dtype)
     t5_model, t5_tok = _text_encoder(found["t5"], T5EncoderModel, dtype)
+    if fp8_t5:
+        from idflux.engine.lowvram import store_linears_fp8
+
+        store_linears_fp8(t5_model)
     parts = FluxParts(flux, vae, clip_model, clip_tok, t5_model, t5_tok, max_text_tokens)
     for m in (flux, vae, clip_model, t5_model):
         m.requires_grad_(False).eval()
@@ -639,7 +646,7 @@ def add_weight_arguments(parser) -> None:
                                                  "openai/clip-vit-large-patch14 (overrides --flux)")
     g.add_argument("--t5", metavar="DIR", help="T5-XXL text encoder folder with its tokenizer (overrides --flux)")
     g.add_argument("--fp8", action="store_true",
-                   help="low VRAM: transformer Linears stored in float8, converted while loading on the CPU")
+                   help="low VRAM: transformer and T5 Linears stored in float8, converted on the CPU while loading")
     g.add_argument("--offload", action="store_true", help="low VRAM: text encoders and VAE on the CPU between stages")
     g.add_argument("--group-offload", action="store_true",
                    help="lowest VRAM: the transformer stays on the CPU, one block at a time on the device "
@@ -651,7 +658,8 @@ def add_weight_arguments(parser) -> None:
 def load_parts_from_args(args, device, dtype=torch.bfloat16) -> FluxParts:
     """FluxParts from the options :func:`add_weight_arguments` added. Every part and LoRA file is
     checked before any weight is read (one :class:`MissingWeightsError` names all that are missing).
-    With --fp8 the transformer is converted on the CPU and only its fp8 form reaches ``device``;
+    With --fp8 the transformer (and the T5 encoder) are converted on the CPU and only their fp8 form
+    reaches ``device``;
     with --group-offload it stays on the CPU with diffusers' group-offload hooks; with --offload
     the text encoders and VAE stay on the CPU (the pipeline moves each for its stage)."""
     from idflux.engine.lowvram import enable_group_offload
@@ -669,7 +677,7 @@ def load_parts_from_args(args, device, dtype=torch.bfloat16) -> FluxParts:
             missing[f"--lora {p}"] = "file not found"
         raise MissingWeightsError(missing)
     parts = load_flux(args.flux, transformer=args.transformer, ae=args.ae, clip=args.clip, t5=args.t5, dtype=dtype,
-                      fp8=args.fp8)
+                      fp8=args.fp8, fp8_t5=args.fp8)
     if loras:
         from idflux.engine.lora import load_lora
 

@@ -369,6 +369,11 @@ def test_weight_arguments_and_loading_from_args(tmp_path, models):
         FluxTransformer2DModel.to = real_to
     assert moved and all(n == 0 for n in moved), f"full-precision Linears reached the device: {moved}"
     assert any(isinstance(m, Fp8Linear) for m in parts.transformer.modules())
+    assert all(isinstance(m, Fp8Linear) for m in parts.t5.modules() if isinstance(m, torch.nn.Linear)), "--fp8: T5 too"
+    assert not any(isinstance(m, Fp8Linear) for m in parts.clip.modules())
+    ids = parts.t5_tokenizer(["a b"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(parts.t5(ids).last_hidden_state).all()
     assert weight_args(["--flux-transformer", "x.safetensors"]).transformer == "x.safetensors"
     assert weight_args(["--lora", "a.safetensors:0.75", "--lora", "b.safetensors"]).lora == [("a.safetensors", 0.75),
                                                                                              ("b.safetensors", 1.0)]
