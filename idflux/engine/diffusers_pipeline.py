@@ -172,7 +172,7 @@ class IDFluxPipeline(DiffusionPipeline):
                                  "nothing is downloaded); for a quick CPU try without weights use source='tiny'")
             from idflux.engine.loading import load_flux
 
-            parts = load_flux(source, dtype=dtype, fp8=fp8, **flux_kwargs)
+            parts = load_flux(source, dtype=dtype, fp8=fp8, fp8_t5=fp8, **flux_kwargs)
             adapter_module = _adapter_from(adapter, flux_dev_adapter())
             detector, encoder = _face_detector(face_models), SiglipFaceEncoder.from_pretrained(siglip)
             default_size = 1024
