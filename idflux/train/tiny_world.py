@@ -670,7 +670,7 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="train an adapter on the shipped world through the four-phase trainer, "
                                     "then write the loss plot, a held-out sample sheet and summary.json")
     d.add_argument("--out", default="runs/tiny", help="run folder (replaced)")
-    d.add_argument("--steps", type=int, default=60, help="optimizer steps over the four phases (default 60)")
+    d.add_argument("--steps", type=int, default=180, help="optimizer steps over the four phases (default 180)")
     d.add_argument("--batch-size", type=int, default=4)
     d.add_argument("--samples", type=int, default=240, help="synthetic training samples to write (default 240)")
     d.add_argument("--identities", type=int, default=200, help="training identities they show (default 200)")

@@ -124,7 +124,7 @@ def stage_adapters(root: Path, steps: int = 150, batch_size: int = 4, seed: int 
                    _files(folder) + [root / "adapter.safetensors"])
 
 
-def run_demo(out: Path, *, steps: int = 60, batch_size: int = 4, n_samples: int = 240, n_identities: int | None = 200,
+def run_demo(out: Path, *, steps: int = 180, batch_size: int = 4, n_samples: int = 240, n_identities: int | None = 200,
              report_cases: int = 8, report_steps: int = 20, world: Path | None = None) -> dict:
     """``make demo``: train an identity adapter from the shipped world's frozen base through the real
     four-phase trainer (flow matching + ID loss + InfoNCE on the pixel recogniser), then write
