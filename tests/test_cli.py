@@ -63,7 +63,7 @@ def test_bench_profile_writes_trace(tmp_path):
     assert main(["bench", "region_attention", "--quick", "--budget", "0", "--profile", str(tmp_path), "--profile-cases", "2"]) == 0
     trace = json.loads((tmp_path / "region_attention_trace.json").read_text())
     names = {e.get("name") for e in trace["traceEvents"]}
-    assert any(n and n.startswith("region_attention/") for n in names)
+    assert any(n and n.startswith("idflux.region_attention[") for n in names)  # one named range per case
 
 
 def test_generate_cuda_graph_off_cuda_is_a_clear_error(capsys):
