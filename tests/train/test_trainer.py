@@ -331,5 +331,5 @@ def test_to_device_copies_values_and_passes_device_tensors_through(device):
 
 
 def test_negative_workers_is_a_clear_error(tmp_path, data_root):
-    with pytest.raises(ValueError, match=r"num_workers \(--workers\) must be >= 0"):
+    with pytest.raises(ValueError, match=r"num_workers \(--workers\) must be an int >= 0, got -1"):
         train(small_cfg(tmp_path, data_root, num_workers=-1))
