@@ -39,7 +39,13 @@ setup(
             "scikit-image",
             "onnx",
             "onnxruntime",
+            # idflux serve and its browser test (tests/serve/test_serve_browser.py drives Debian's chromium)
+            "gradio>=5",
+            "gradio_image_annotation>=0.3",
+            "playwright>=1.40",
         ],
+        # idflux serve: the layout page (upload faces, draw their boxes, generate)
+        "serve": ["gradio>=5", "gradio_image_annotation>=0.3"],
     },
     entry_points={"console_scripts": ["idflux=idflux.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""The ``idflux`` command line: ``bench``, ``env``, ``generate``, ``export``, ``train``, ``eval``."""
+"""The ``idflux`` command line: ``bench``, ``env``, ``generate``, ``export``, ``train``, ``eval``, ``serve``."""
 
 from __future__ import annotations
 
@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     add_train_parser(sub)
     add_eval_parser(sub)
+    from idflux.serve.app import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
