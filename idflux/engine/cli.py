@@ -193,7 +193,7 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=25, help="denoising steps (>= 1)")
     p.add_argument("--guidance", type=finite_float, default=4.0, help="FLUX guidance embedding (finite)")
     p.add_argument("--size", type=pixels, default=None,
-                   help="square output side in pixels, a multiple of 16 (default: 1024 for flux-dev, 64 for tiny)")
+                   help="square output side in pixels, a multiple of 16 (default: 1024 for flux-dev; tiny: the tiny world's size, 192, or 64 with --flux random)")
     p.add_argument("--height", type=pixels, default=None, help="output height in pixels, a multiple of 16 (default: --size)")
     p.add_argument("--width", type=pixels, default=None, help="output width in pixels, a multiple of 16 (default: --size)")
     p.add_argument("--seed", type=seed_int, default=1234, help="seed of the initial noise (>= 0)")
@@ -218,8 +218,20 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _default_size(args) -> int:
+    """The preset's side: the tiny world's training size when the world is used, else the table's."""
+    if args.preset == "tiny" and args.flux != "random":
+        from idflux.engine.loading import TINY_WORLD, tiny_world_available
+
+        root = Path(args.flux) if args.flux else TINY_WORLD
+        if tiny_world_available(root):
+            manifest = json.loads((root / "manifest.json").read_text())
+            return int(manifest.get("world", {}).get("size", _PRESET_SIZE["tiny"]))
+    return _PRESET_SIZE[args.preset]
+
+
 def _hw(args) -> tuple[int, int]:
-    size = args.size or _PRESET_SIZE[args.preset]
+    size = args.size or _default_size(args)
     return args.height or size, args.width or size
 
 

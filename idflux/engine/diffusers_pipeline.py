@@ -372,7 +372,10 @@ class IDFluxPipeline(DiffusionPipeline):
         finally:
             bar.close()
         seconds = time.perf_counter() - started
-        records = [{**asdict(s), "seconds": round(seconds, 3), "n_refs": len(refs)} for s in settings]
+        from idflux.engine.lowvram import peak_memory
+
+        peak = peak_memory(self.engine.device)  # the process's high-water mark (CUDA: max allocated)
+        records = [{**asdict(s), "seconds": round(seconds, 3), "n_refs": len(refs), "peak_memory": peak} for s in settings]
         images = self.postprocess(image, output_type)
         if not return_dict:
             return (images,)

@@ -62,6 +62,7 @@ def test_generate_tiny_writes_image_sidecar_and_preview(tmp_path, refs):
     meta = json.loads((tmp_path / "a" / "img.png.json").read_text())
     assert first.shape == (32, 32, 3) and meta["seed"] == 3 and meta["refs"] == refs and meta["preset"] == "tiny"
     assert meta["boxes"] == [[0, 0, 16, 32], [16, 0, 32, 32]] and meta["height"] == meta["width"] == 32
+    assert meta["peak_memory"]["kind"] == "rss_high_water" and meta["peak_memory"]["bytes"] > 0, "peak memory reported"
     preview = np.asarray(Image.open(tmp_path / "a" / "img.boxes.png"))
     assert preview.shape == first.shape and not np.array_equal(preview, first), "boxes and prompt are drawn"
     assert main(argv) == 0
@@ -177,3 +178,17 @@ def test_flux_dev_names_every_missing_part_and_the_tiny_preset(tmp_path, refs, c
                  "--flux", str(tmp_path / "nowhere"), "--siglip", str(tmp_path)]) == 2
     err = one_line_error(capsys)
     assert "nowhere" in err and "--adapter FILE" in err and "--face-models DIR" in err and "--siglip DIR" not in err
+
+
+def test_tiny_default_size_is_the_worlds_training_size():
+    from idflux.cli import build_parser
+    from idflux.engine.cli import _hw
+    from idflux.engine.loading import TINY_WORLD, tiny_world_available
+
+    parse = build_parser().parse_args
+    world = parse(["generate", "--preset", "tiny", "--prompt", "x", "--ref", "a.png", "--out", "o.png"])
+    random_models = parse(TINY + ["--prompt", "x", "--ref", "a.png", "--out", "o.png"])
+    assert _hw(random_models) == (64, 64)
+    size = json.loads((TINY_WORLD / "manifest.json").read_text())["world"]["size"] if tiny_world_available() else 64
+    assert _hw(world) == (size, size)
+    assert _hw(parse(["generate", "--preset", "tiny", "--prompt", "x", "--ref", "a.png", "--out", "o.png", "--width", "96"])) == (size, 96)
