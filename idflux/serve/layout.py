@@ -15,6 +15,7 @@ the page handlers in :mod:`idflux.serve.app` stay thin and the rules are unit-te
 from __future__ import annotations
 
 import math
+import re
 import shlex
 from typing import Sequence
 
@@ -63,17 +64,26 @@ def canvas_image(height: int, width: int) -> np.ndarray:
 
 def boxes_from_annotation(value) -> list[list[float]]:
     """The boxes of an ``ImageAnnotator`` value (``{"image": ..., "boxes": [{"xmin", "ymin", "xmax",
-    "ymax", ...}]}``, or None) as ``[[x1, y1, x2, y2], ...]`` in drawing order (= reference order)."""
+    "ymax", "label", ...}]}``, or None) as ``[[x1, y1, x2, y2], ...]`` in reference order.
+
+    The annotator puts each box the mouse draws FIRST in its list, unlabelled; boxes the page set
+    (from the numbers table) carry their ``person N`` label. So: labelled boxes by person number,
+    then the drawn ones oldest first (the reverse of their list order)."""
     if not value:
         return []
     boxes = value.get("boxes") if isinstance(value, dict) else None
-    out = []
+    labelled, drawn = [], []
     for i, box in enumerate(boxes or []):
         try:
-            out.append([float(box[k]) for k in ("xmin", "ymin", "xmax", "ymax")])
+            coords = [float(box[k]) for k in ("xmin", "ymin", "xmax", "ymax")]
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"box {i + 1}: expected xmin, ymin, xmax, ymax numbers, got {box!r}") from None
-    return out
+        match = re.match(r"person (\d+)", str(box.get("label") or ""))
+        if match:
+            labelled.append((int(match.group(1)), i, coords))
+        else:
+            drawn.append(coords)
+    return [c for _, _, c in sorted(labelled)] + drawn[::-1]
 
 
 def boxes_from_table(rows) -> list[list[float]]:

@@ -16,8 +16,9 @@ from idflux.serve.app import LayoutServer
 
 
 def _ann(*boxes):
-    return {"image": None, "boxes": [{"xmin": b[0], "ymin": b[1], "xmax": b[2], "ymax": b[3], "label": "x",
-                                      "color": (0, 0, 0)} for b in boxes]}
+    """The annotator's value after ``boxes`` are drawn by mouse in this order: newest first, unlabelled."""
+    return {"image": None, "boxes": [{"xmin": b[0], "ymin": b[1], "xmax": b[2], "ymax": b[3], "label": "",
+                                      "color": (255, 64, 64)} for b in reversed(boxes)]}
 
 
 def _page(**kw):
@@ -37,6 +38,14 @@ def test_boxes_in_drawing_order_become_the_pipeline_boxes():
     boxes = layout.boxes_from_annotation(_ann((8, 16, 56, 88), (72, 8, 120, 80)))
     assert boxes == [[8, 16, 56, 88], [72, 8, 120, 80]]
     assert _page(boxes=boxes)["boxes"] == [[8.0, 16.0, 56.0, 88.0], [72.0, 8.0, 120.0, 80.0]]
+
+
+def test_drawn_box_after_table_boxes_comes_last():
+    # two boxes set from the numbers table (labelled), then a third drawn by mouse (put first, unlabelled)
+    value = layout.annotation_value(layout.canvas_image(96, 128), [[0, 0, 32, 32], [40, 0, 80, 40]])
+    value["boxes"].reverse()
+    value["boxes"].insert(0, {"xmin": 90, "ymin": 50, "xmax": 120, "ymax": 90, "label": "", "color": (0, 0, 0)})
+    assert layout.boxes_from_annotation(value) == [[0, 0, 32, 32], [40, 0, 80, 40], [90, 50, 120, 90]]
 
 
 @pytest.mark.parametrize("n_refs, boxes, match", [
