@@ -191,12 +191,15 @@ def _cosine_infonce_shared_fwd_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.where(keep, tl.exp(s - m_new[:, None]), 0.0)
         l_i = l_i * alpha + tl.sum(p, 1)
+        pw = p * inv_n[None, :]
         if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p * inv_n[None, :], xf, input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(pw, xf, input_precision="ieee")
         else:
-            # The normalised candidates (|.| <= 1) as the operand, not p / ||x||: for a zero or tiny
-            # candidate 1 / ||x|| reaches 1e6, which overflows fp16 (inf * 0 = NaN in the dot).
-            acc = acc * alpha[:, None] + tl.dot(p.to(op_dtype), (xf * inv_n[:, None]).to(op_dtype))
+            if op_dtype == tl.float16:
+                # For a zero or tiny candidate 1 / ||x|| reaches 1e6, past fp16's 65504 (inf * 0 = NaN
+                # in the dot); the cap is exact for a zero row and for every norm above 1.7e-5.
+                pw = tl.minimum(pw, 6.0e4)
+            acc = acc * alpha[:, None] + tl.dot(pw.to(op_dtype), x)
         m_i = m_new
     out = rows * SPLITS + split
     tl.store(part_m_ptr + out, m_i, mask=rmask)

@@ -617,3 +617,24 @@ def test_triton_interpreter_refuses_bf16():
             cosine_infonce(args["g"], args["pos"], args["negatives"], backend="triton", **kw)
     # the reference takes bf16 on the CPU, and auto picks it
     assert torch.isfinite(cosine_infonce(g.bfloat16(), pos.bfloat16(), bank.bfloat16(), **kw))
+
+
+def test_launch_plan_at_the_goal_shape():
+    """Issue 17: N 64, M 4096, D 512, per-row gallery indices, bf16, on a 132-SM part: one wave of
+    resident programs (no partial second wave), every SM busy, 16-byte loads of the gathered rows."""
+    from idflux.kernels.cosine_infonce import _launch_config, launch_plan
+    plan = launch_plan(64, 4096, 512, torch.bfloat16, 132)
+    assert plan["kernel"] == "_cosine_infonce_fwd_kernel" and plan["grid"] == (64, 4)
+    assert plan["waves"] <= 1.0 and plan["programs"] > 0.9 * plan["resident_per_sm"] * 132
+    assert plan["load_bytes"] == 16 and plan["splits"] * plan["candidates_per_program"] >= 4096
+    # the launcher sizes a launch the same way given the device's SM count
+    assert _launch_config(64, 4096, 512, 132)[3] == plan["splits"]
+    for N, M, D in [(1, 4096, 512), (8, 65536, 512), (256, 4096, 512), (64, 100, 7), (3, 0, 16)]:
+        for gathered in (True, False):
+            p = launch_plan(N, M, D, torch.float16, 132, gathered=gathered, in_batch=True)
+            C = M + N
+            assert p["splits"] * p["candidates_per_program"] >= C, (N, M, D, gathered, p)
+            rows = p["grid"][0]
+            assert p["waves"] <= 1.0 or p["splits"] == 1 or rows * (p["splits"] - 1) < p["resident_per_sm"] * 132
+    with pytest.raises(ValueError, match="N must"):
+        launch_plan(0, 10, 8)
