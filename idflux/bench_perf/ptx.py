@@ -25,13 +25,17 @@ import re
 _MEM_OP = re.compile(r"(?<![\w.])(cp\.async\.\w+\.shared\.global|ld\.global[.\w]*|st\.global[.\w]*|atom\.global[.\w]*|red\.global[.\w]*)")
 
 
-def region_attention_signature(fn, dtype: str, head_dim: int, *, atomic: bool = False) -> tuple[dict, dict, dict]:
-    """(signature, constexprs, attrs) of a region_attention kernel as a launch specialises it."""
+def region_attention_signature(fn, dtype: str, head_dim: int, *, atomic: bool = False, n_kv: int = 4 * 264,
+                               n_refs: int = 4) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of a region_attention kernel as a launch specialises it (by
+    default the SigLIP branch's: 4 references x 264 keys)."""
+    from idflux.kernels.region_attention import _BLOCK_M, _TAIL_N, _block_n
+
     sig, const, attrs = {}, {}, {}
     block_d = max(16, 1 << (head_dim - 1).bit_length())
     ieee = dtype == "fp32"
-    values = dict(BLOCK_M=64, BLOCK_N=16 if ieee else 64, BLOCK_D=block_d, HEAD_D=head_dim, IEEE=ieee, ATOMIC_DKDV=atomic,
-                  ADD_OUT=atomic)  # the SigLIP branch's launch (region_attention._block_n)
+    values = dict(BLOCK_M=_BLOCK_M, BLOCK_N=_block_n(n_kv, n_refs, ieee, head_dim), TAIL_N=_TAIL_N, BLOCK_D=block_d,
+                  HEAD_D=head_dim, IEEE=ieee, ATOMIC_DKDV=atomic, ADD_OUT=atomic)
     for i, name in enumerate(inspect.signature(fn.fn).parameters):
         if name in values:
             sig[name], const[name] = "constexpr", values[name]
@@ -190,13 +194,19 @@ def face_warp_ptx(dtype: str = "bf16", arch: int = 90) -> dict[str, str]:
 
 
 def region_attention_ptx(dtype: str = "bf16", head_dim: int = 64, arch: int = 90) -> dict[str, str]:
+    """PTX of each region_attention kernel as launched: the SigLIP branch's (4 x 264 keys) forward,
+    dq and dk/dv kernels, and the one-kernel atomic backward that the ArcFace branch (4 x 8 keys)
+    takes on a GPU (``BWD_DKDV="auto"``)."""
     from idflux.kernels import _region_attention_triton as K
+    from idflux.kernels.region_attention import _num_warps
 
+    cases = {name: (name, {}) for name in ("_region_attention_fwd", "_region_attention_bwd", "_region_attention_bwd_dkdv")}
+    cases["_region_attention_bwd[atomic, 4x8 keys]"] = ("_region_attention_bwd", dict(atomic=True, n_kv=32, n_refs=4))
     out = {}
-    for name in ("_region_attention_fwd", "_region_attention_bwd", "_region_attention_bwd_dkdv"):
+    for label, (name, kw) in cases.items():
         fn = getattr(K, name)
-        out[name] = compile_ptx(fn, *region_attention_signature(fn, dtype, head_dim), arch=arch,
-                                num_warps=8 if dtype == "fp32" else 4)  # region_attention._num_warps
+        out[label] = compile_ptx(fn, *region_attention_signature(fn, dtype, head_dim, **kw), arch=arch,
+                                 num_warps=_num_warps(dtype == "fp32"))
     return out
 
 

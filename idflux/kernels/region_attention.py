@@ -148,7 +148,7 @@ def checked_layout(membership: torch.Tensor, ref_offsets: torch.Tensor, n_kv: in
         # The dk/dv launch's sizes from the same tile plan built on the host copies (the device
         # builds its own without a sync; both come from the same values).
         plan = _dense_plan(h_mem, R) if h_idx is None else _packed_plan(h_mem, h_idx, n_images, R)
-        entry[("hint", _BLOCK_M)] = _hint(plan[3], h_offs)
+        entry[("hint", _BLOCK_M)] = _hint(plan[3], h_offs, plan[4])
 
 
 # Tensors whose values were already checked (or planned from), keyed by identity. An entry holds weak
@@ -163,14 +163,15 @@ def _entry_key(tag, tensors):
 
 
 def _seen_before(tag, *tensors, value=False):
-    entry = _SEEN.get(_entry_key(tag, tensors))
+    key = _entry_key(tag, tensors)
+    entry = _SEEN.get(key)
     if entry is None:
         return None if value else False
     refs, versions, payload = entry
     if all(r() is t for r, t in zip(refs, tensors)) and versions == tuple(t._version for t in tensors):
-        _SEEN.move_to_end(_entry_key(tag, tensors))
+        _SEEN.move_to_end(key)
         return payload if value else True
-    del _SEEN[_entry_key(tag, tensors)]
+    del _SEEN[key]
     return None if value else False
 
 
@@ -219,15 +220,22 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _block_n(n_kv: int, n_refs: int, ieee: bool = False) -> int:
-    """Key block: one reference's span rounded up to a power of 2, within 16..64. fp32 inputs (IEEE
-    dots, on FMA units with their operands in registers) take 16 and 8 warps (``_num_warps``):
-    with 64-key blocks and 4 warps ptxas spills 1.7-29 KB per thread on sm_90 (triton 3.6; see
-    ``python -m idflux.bench_perf.ptx --regs --dtype fp32``), with these 0-0.7 KB."""
+#: Keys of a span's last, partial block go in blocks of this many (the smallest tl.dot operand).
+_TAIL_N = 16
+
+
+def _block_n(n_kv: int, n_refs: int, ieee: bool = False, head_dim: int = 64) -> int:
+    """Key block: the largest power of 2 within 16..64 that fits one reference's span (ceil(Nkv / R)),
+    so a span is whole blocks plus a tail in ``_TAIL_N``-key blocks: 264 keys = 4 x 64 + one block
+    of 16 (3% of the products wasted; rounding the tail up to a 64-key block wasted 17%), 8 keys =
+    one block of 16. 32 at head dims over 64 (two 64 x 128 fp32 dk/dv accumulators fill the register
+    file). fp32 inputs (IEEE dots, on FMA units with their operands in registers) take 16 and 8 warps
+    (``_num_warps``): with 64-key blocks and 4 warps ptxas spills 1.7-29 KB per thread on sm_90
+    (triton 3.6; see ``python -m idflux.bench_perf.ptx --regs --dtype fp32``)."""
     if ieee:
         return 16
     span = max(1, -(-n_kv // max(n_refs, 1)))
-    return min(64, max(16, triton_next_pow2(span)))
+    return min(64 if head_dim <= 64 else 32, max(16, 1 << (span.bit_length() - 1)))
 
 
 def _num_warps(ieee: bool) -> int:
@@ -249,16 +257,21 @@ def build_plan(membership: torch.Tensor, image: torch.Tensor, rows: torch.Tensor
     tiles), once per layout. Returns (tiles, rows, ref_tiles, ref_counts):
 
     - tokens are grouped by image and, inside an image, sorted by membership pattern with the
-      tokens in no box last; the planned ones (a bit set) are cut into tiles that mostly hold one
-      pattern and so visit few references, the others into "zero tiles" whose rows the kernels
-      only write zeros to (output, dq) and +inf (LSE): every row of q is covered exactly once;
+      tokens in no box last; the planned ones (a bit set) are cut into *work tiles* that mostly
+      hold one pattern and so visit few references, the others into "zero tiles": every row of q
+      is covered exactly once;
     - tiles (n_tiles, 3) int32 rows (image, first, end) into the sorted ``rows`` (int32, q's row of
       each sorted token), BLOCK_M tokens at most, never crossing images or mixing planned and
-      unplanned tokens; n_tiles is the static bound ceil(N / BLOCK_M) + 2 * n_images, unused
-      tiles are empty (first == end);
+      unplanned tokens. The work tiles of all images come first, then the zero tiles, then unused
+      ones (empty, first == end): n_tiles is the static bound ceil(N / BLOCK_M) + 2 * n_images.
+      An eager launch, which knows the number of work tiles (``sizes``, read back once per
+      layout), runs one program per work tile and gets the zeros of the rows in no box from the
+      output's allocation; a launch without it (torch.compile) runs every tile, and the zero
+      tiles store 0 (output, dq) and +inf (LSE);
     - ref_tiles (n_images * n_refs, n_tiles) int32 and ref_counts (n_images * n_refs,) int32:
       row b * R + r lists, in its first ``ref_counts[b * R + r]`` entries, the tiles holding a
-      token of reference r of image b (what the dk/dv kernel walks).
+      token of reference r of image b (what the dk/dv kernel walks);
+    - sizes (2,) int64: (work tiles, tokens in no box).
     """
     dev = membership.device
     mem = membership.reshape(-1).long()
@@ -272,20 +285,22 @@ def build_plan(membership: torch.Tensor, image: torch.Tensor, rows: torch.Tensor
     counts = torch.zeros(B, dtype=torch.int64, device=dev).scatter_add_(0, img, member.long())
     seg_start = torch.cumsum(per_image, 0) - per_image
     planned_tiles = (counts + block_m - 1) // block_m
-    tiles_per = planned_tiles + (per_image - counts + block_m - 1) // block_m
-    tile_end = torch.cumsum(tiles_per, 0)
-    tile_start = tile_end - tiles_per
+    zero_tiles = (per_image - counts + block_m - 1) // block_m
+    work_end = torch.cumsum(planned_tiles, 0)  # work tiles of every image first ...
+    work_start = work_end - planned_tiles
+    n_work = work_end[-1:].sum()  # (a 0-d tensor, 0 without images: no sync)
+    zero_end = n_work + torch.cumsum(zero_tiles, 0)  # ... then the zero tiles
+    zero_start = zero_end - zero_tiles
     n_tiles = -(-N // block_m) + 2 * B
     t = torch.arange(n_tiles, device=dev)
-    t_img = torch.searchsorted(tile_end, t, right=True)
+    in_plan = t < n_work
+    t_img = torch.where(in_plan, torch.searchsorted(work_end, t, right=True), torch.searchsorted(zero_end, t, right=True))
     used = t_img < B
     t_img = t_img.clamp(max=max(B - 1, 0))
     zero = torch.zeros_like(t)
     if B:
-        j = t - tile_start[t_img]  # tile index inside its image: planned tiles first, then the rest
-        in_plan = j < planned_tiles[t_img]
         seg, c, n = seg_start[t_img], counts[t_img], per_image[t_img]
-        first = torch.where(in_plan, seg + j * block_m, seg + c + (j - planned_tiles[t_img]) * block_m)
+        first = torch.where(in_plan, seg + (t - work_start[t_img]) * block_m, seg + c + (t - zero_start[t_img]) * block_m)
         end = torch.minimum(first + block_m, torch.where(in_plan, seg + c, seg + n))
     else:
         first = end = zero
@@ -293,7 +308,7 @@ def build_plan(membership: torch.Tensor, image: torch.Tensor, rows: torch.Tensor
     # The tile of each planned token, then which references each tile holds.
     rank = torch.arange(N, device=dev) - seg_start[img_s]
     planned = rank < counts[img_s]
-    tile_of = torch.where(planned, tile_start[img_s] + rank // block_m, 0)
+    tile_of = torch.where(planned, work_start[img_s] + rank // block_m, 0)
     bits = ((mem_s[:, None] >> torch.arange(R, device=dev)) & 1) * planned[:, None].long()
     has = torch.zeros(n_tiles, R, dtype=torch.int64, device=dev).scatter_reduce_(
         0, tile_of[:, None].expand(N, R), bits, "amax")
@@ -301,8 +316,9 @@ def build_plan(membership: torch.Tensor, image: torch.Tensor, rows: torch.Tensor
     ref_counts = sel.sum(-1).reshape(B * R)
     ref_tiles = torch.argsort((~sel).to(torch.int32), dim=-1, stable=True).reshape(B * R, n_tiles)
     rows = rows.reshape(-1).long()[order]
+    sizes = torch.stack([n_work, N - counts.sum()])
     # The kernels index these with unit inner strides: contiguous int32, whatever layout the ops chose.
-    return tuple(x.to(torch.int32).contiguous() for x in (tiles, rows, ref_tiles, ref_counts))
+    return (*(x.to(torch.int32).contiguous() for x in (tiles, rows, ref_tiles, ref_counts)), sizes)
 
 
 def _dense_plan(membership: torch.Tensor, n_refs: int):
@@ -317,13 +333,13 @@ def _packed_plan(membership: torch.Tensor, image_index: torch.Tensor, n_images: 
 
 
 def _plan_for(entry, membership, image_index, n_images, ref_offsets):
-    """(plan, hint) for a layout. The plan (see :func:`build_plan`) is kept in the layout's cache
-    entry in eager mode (the same layout tensors come back for every module and every denoising
-    step) and traced into the graph under torch.compile (``entry`` None). hint = (most tiles any
-    reference's list holds, longest key span, largest first offset, smallest last offset), read
-    back once per layout in eager mode (one host sync, like the input checks) to size the dk/dv
-    launch and to know whether the references' spans cover every key; None under torch.compile
-    (static sizes)."""
+    """(plan, hint) for a layout. The plan (see :func:`build_plan`: tiles, rows, ref_tiles,
+    ref_counts) is kept in the layout's cache entry in eager mode (the same layout tensors come
+    back for every module and every denoising step) and traced into the graph under torch.compile
+    (``entry`` None). hint (:func:`_hint`), read back once per layout in eager mode (one host sync,
+    like the input checks), sizes the launches: one program per work tile, the dk/dv grid, whether
+    the references' spans cover every key and whether any row needs zeros; None under
+    torch.compile (static sizes)."""
     n_refs = ref_offsets.shape[1] - 1
 
     def build():
@@ -332,25 +348,27 @@ def _plan_for(entry, membership, image_index, n_images, ref_offsets):
         return _packed_plan(membership, image_index, n_images, n_refs)
 
     if entry is None:
-        return build(), None
+        return build()[:4], None
     key = ("plan", _BLOCK_M)
     cached = entry.get(key)
     if cached is None:
-        plan = build()
+        *plan, sizes = build()
         hint = entry.get(("hint", _BLOCK_M))  # from checked_layout's host copies: nothing to read back
-        cached = entry[key] = (plan, hint if hint is not None else _hint(plan[3], ref_offsets))
+        cached = entry[key] = (tuple(plan), hint if hint is not None else _hint(plan[3], ref_offsets, sizes))
     return cached
 
 
-def _hint(ref_counts: torch.Tensor, ref_offsets: torch.Tensor) -> tuple[int, int, int, int]:
-    """(most tiles of one reference, longest span, largest first offset, smallest last offset) of
-    a plan and its offsets, read back to the host (a sync for device tensors)."""
+def _hint(ref_counts: torch.Tensor, ref_offsets: torch.Tensor, sizes: torch.Tensor) -> tuple[int, ...]:
+    """(most tiles of one reference, longest span, largest first offset, smallest last offset, work
+    tiles, tokens in no box) of a plan and its offsets, read back to the host in one transfer (a
+    sync for device tensors)."""
     spans = (ref_offsets[:, 1:] - ref_offsets[:, :-1]).reshape(-1)
     zero = ref_counts.new_zeros(())
     offs = ref_offsets.to(ref_counts.dtype)
     stats = torch.stack([ref_counts.max() if ref_counts.numel() else zero,
                          spans.max().to(ref_counts.dtype) if spans.numel() else zero,
-                         offs[:, 0].max() if offs.numel() else zero, offs[:, -1].min() if offs.numel() else zero])
+                         offs[:, 0].max() if offs.numel() else zero, offs[:, -1].min() if offs.numel() else zero,
+                         *sizes.to(ref_counts.dtype)])
     return tuple(int(x) for x in stats.tolist())
 
 
@@ -418,45 +436,85 @@ def _kernels():
     return _KERNELS
 
 
-def _fwd_impl(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale):
+def _launch_sizes(tiles, hint):
+    """(programs per head, whether the rows in no box need zeros from the allocation): with a hint,
+    one program per work tile and zeros where rows lie in no box; without one (torch.compile),
+    every tile of the static bound, the zero tiles storing their zeros."""
+    if hint is None:
+        return tiles.shape[0], False
+    return hint[4], hint[5] > 0
+
+
+_META: dict = {}
+
+
+def _meta(q, k, R):
+    """Compile-time launch parameters shared by the three kernels (cached: the host path of a call
+    is part of its cost at the adapter's sizes)."""
+    key = (k.shape[2], R, q.shape[-1], q.dtype, _block_n)  # (_block_n: tests swap the rule)
+    meta = _META.get(key)
+    if meta is None:
+        if len(_META) > 256:
+            _META.clear()
+        D = q.shape[-1]
+        ieee = q.dtype == torch.float32
+        meta = _META[key] = dict(BLOCK_M=_BLOCK_M, BLOCK_N=_block_n(k.shape[2], R, ieee, D), TAIL_N=_TAIL_N,
+                                 BLOCK_D=max(16, triton_next_pow2(D)), HEAD_D=D, IEEE=ieee, num_warps=_num_warps(ieee))
+    return meta
+
+
+def _fwd_impl(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale, hint=None):
     kern = _kernels()
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    D, H = q.shape[-1], _heads(q)
     R = ref_offsets.shape[1] - 1
     if q.numel() == 0 or k.shape[2] == 0:  # nothing to attend to: every row is 0, LSE +inf
         return torch.zeros_like(q), _lse_like(q, float("inf"))
-    out = torch.empty_like(q)  # the plan's tiles cover every row: zero tiles write the rows in no box
+    programs, zeros = _launch_sizes(tiles, hint)
+    # Without a hint the zero tiles store the rows in no box; with one they come from the allocation
+    # (their LSE is never read: the backward visits work tiles only).
+    out = torch.zeros_like(q) if zeros else torch.empty_like(q)
     lse = _lse_like(q, None)
-    ieee = q.dtype == torch.float32
-    qs, ms = _geometry(q, membership)
-    os_, _ = _geometry(out, membership)
-    kern._region_attention_fwd[(tiles.shape[0], H)](
-        q, k, v, out, lse, membership, ref_offsets, tiles, rows,
-        *qs, *k.stride()[:3], *v.stride()[:3], *os_,
-        *_lse_strides(lse), *ms, ref_offsets.stride(0),
-        R, scale * kern.LOG2E,
-        BLOCK_M=_BLOCK_M, BLOCK_N=_block_n(k.shape[2], R, ieee), BLOCK_D=max(16, triton_next_pow2(D)), HEAD_D=D,
-        IEEE=ieee, num_warps=_num_warps(ieee),
-    )
+    if programs:
+        qs, ms = _geometry(q, membership)
+        os_, _ = _geometry(out, membership)
+        kern._region_attention_fwd[(programs, _heads(q))](
+            q, k, v, out, lse, membership, ref_offsets, tiles, rows,
+            *qs, *k.stride()[:3], *v.stride()[:3], *os_,
+            *_lse_strides(lse), *ms, ref_offsets.stride(0),
+            R, scale * kern.LOG2E, **_meta(q, k, R),
+        )
     return out, lse
 
 
-#: How the backward gets dk/dv: "key_parallel" (one program per key block walks the tiles of its
-#: reference, no atomics) or "atomic" (every query tile adds into fp32 dk/dv). A knob for tuning runs.
-BWD_DKDV = "key_parallel"
+#: How the backward gets dk/dv: "auto" (default: "atomic" where the key-parallel grid would have to
+#: split its walks to fill the GPU, as for the ArcFace branch's 8-key references, else
+#: "key_parallel"), "key_parallel" (one program per key block walks the tiles of its reference, no
+#: atomics; a second kernel after the dq one) or "atomic" (one kernel: every query tile computes
+#: its dq and adds its dk/dv into fp32 buffers, QK^T and dO V^T computed once). A knob for tuning runs.
+BWD_DKDV = "auto"
+_BWD_CHOICES = ("auto", "key_parallel", "atomic")
+
+
+def _atomic_bwd(split: int, head_dim: int = 64) -> bool:
+    """Whether the backward is the one-kernel atomic form, given the key-parallel walk's split. auto:
+    yes where the key-parallel walks would be split (dk/dv then come from fp32 partials added by
+    atomics either way): one launch and one computation of QK^T and dO V^T instead of two; at head
+    dims up to 64 (at 128 that kernel, holding dq and a block's dk/dv, spills on sm_90)."""
+    if BWD_DKDV not in _BWD_CHOICES:
+        raise ValueError(f"region_attention.BWD_DKDV must be one of {_BWD_CHOICES}, got {BWD_DKDV!r}")
+    return BWD_DKDV == "atomic" or (BWD_DKDV == "auto" and split > 1 and DKDV_SPLIT is None and head_dim <= 64)
 
 
 def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale, hint=None):
     kern = _kernels()
     q, k, v, out, do = (_last_dim_contiguous(t) for t in (q, k, v, out, do))
-    D, H = q.shape[-1], _heads(q)
     B, Nkv = k.shape[0], k.shape[2]
     R = ref_offsets.shape[1] - 1
-    atomic = BWD_DKDV == "atomic"
-    ieee = q.dtype == torch.float32
-    block_n = _block_n(Nkv, R, ieee)
-    nb, split = _dkdv_grid(B, R, H, Nkv, block_n, hint, k.device)
-    dq = torch.empty_like(q)  # every row written by the dq kernel (zero tiles: zeros)
+    meta = _meta(q, k, R)
+    nb, split = _dkdv_grid(B, R, _heads(q), Nkv, meta["BLOCK_N"], hint, k.device)
+    atomic = _atomic_bwd(split, q.shape[-1])
+    programs, zeros = _launch_sizes(tiles, hint)
+    dq = torch.zeros_like(q) if zeros else torch.empty_like(q)  # work tiles write their rows
     accumulate = atomic or split > 1
     acc_dtype = torch.float32 if accumulate else k.dtype
     # The key-parallel kernel stores every key of every reference span; only keys outside all spans
@@ -465,29 +523,27 @@ def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_t
     alloc = torch.empty if covered and not accumulate and R else torch.zeros
     dk = alloc(k.shape, dtype=acc_dtype, device=k.device)
     dv = alloc(v.shape, dtype=acc_dtype, device=v.device)
-    if not (q.numel() and Nkv):
+    if not (q.numel() and Nkv and programs):
         return dq.zero_(), dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
     delta = torch.empty_like(lse)  # written by the dq kernel for every planned row, read by dk/dv
     qs, ms = _geometry(q, membership)
     ks, vs, dks = k.stride()[:3], v.stride()[:3], dk.stride()[:3]
     os_, ds_, gs = (_geometry(t, membership)[0] for t in (out, do, dq))
     ls = _lse_strides(lse)
-    common = dict(BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_D=max(16, triton_next_pow2(D)), HEAD_D=D,
-                  IEEE=ieee, num_warps=_num_warps(ieee))
-    kern._region_attention_bwd[(tiles.shape[0], H)](
+    kern._region_attention_bwd[(programs, _heads(q))](
         q, k, v, out, do, dq, dk, dv, lse, delta, membership, ref_offsets, tiles, rows,
         *qs, *ks, *vs,
         *os_, *ds_, *gs, *dks,
         *ls, *ms, ref_offsets.stride(0),
-        R, scale * kern.LOG2E, scale, ATOMIC_DKDV=atomic, **common,
+        R, scale * kern.LOG2E, scale, ATOMIC_DKDV=atomic, **meta,
     )
     if not atomic and R:
-        kern._region_attention_bwd_dkdv[(B * R * nb * split, H)](
+        kern._region_attention_bwd_dkdv[(B * R * nb * split, _heads(q))](
             q, k, v, do, dk, dv, lse, delta, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts,
             *qs, *ks, *vs,
             *ds_, *dks,
             *ls, *ms, ref_offsets.stride(0), ref_tiles.stride(0),
-            R, nb, split, scale * kern.LOG2E, scale, ADD_OUT=split > 1, **common,
+            R, nb, split, scale * kern.LOG2E, scale, ADD_OUT=split > 1, **meta,
         )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
@@ -549,7 +605,7 @@ class RegionAttentionFunction(torch.autograd.Function):
         # per FLUX step). The caller's two are saved (an in-place change before the backward is
         # caught); the plan is the layout cache's own and stays on ctx.
         membership, ref_offsets, *plan = layout
-        out, lse = _fwd_impl(q, k, v, membership, ref_offsets, *plan, scale)
+        out, lse = _fwd_impl(q, k, v, membership, ref_offsets, *plan, scale, hint)
         ctx.save_for_backward(q, k, v, membership, ref_offsets, out, lse)
         ctx.plan, ctx.scale, ctx.hint = plan, scale, hint
         return out
@@ -565,6 +621,8 @@ def _region_attention_triton(q, k, v, membership, ref_offsets, planned, scale):
     plan, hint = planned
     if torch.compiler.is_compiling():
         return _fwd_op(q, k, v, membership, ref_offsets, *plan, scale)[0]
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return _fwd_impl(q, k, v, membership, ref_offsets, *plan, scale, hint)[0]  # no autograd record (generation)
     return RegionAttentionFunction.apply(q, k, v, (membership, ref_offsets, *plan), scale, hint)
 
 

@@ -252,7 +252,7 @@ def key_blocks(request, monkeypatch):
 
         ra = importlib.import_module("idflux.kernels.region_attention")
         rule = ra._block_n
-        monkeypatch.setattr(ra, "_block_n", lambda n_kv, n_refs, ieee=False: rule(n_kv, n_refs, False))
+        monkeypatch.setattr(ra, "_block_n", lambda n_kv, n_refs, ieee=False, head_dim=64: rule(n_kv, n_refs, False, head_dim))
     return request.param
 
 
@@ -330,7 +330,7 @@ def test_custom_op_registration_and_compile():
     q, k, v, mem, offs = random_case(1, 2, 20, 16, [[5, 7]], device=KDEV)
     from idflux.kernels.region_attention import _dense_plan, _fwd_op
 
-    plan = _dense_plan(mem, offs.shape[1] - 1)
+    plan = _dense_plan(mem, offs.shape[1] - 1)[:4]  # (the fifth, sizes, only feeds the eager launch sizes)
     torch.library.opcheck(_fwd_op, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mem, offs, *plan, 0.25),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     # fullgraph: no graph break (value checks are skipped under compile, the tile plan is traced).
@@ -461,7 +461,7 @@ def test_packed_plan_follows_image_index_changes():
 
 
 @needs_triton
-@pytest.mark.parametrize("strategy", ["key_parallel", "atomic"])
+@pytest.mark.parametrize("strategy", ["key_parallel", "atomic", "auto"])
 def test_both_backward_strategies_match_reference(monkeypatch, strategy):
     import importlib
 
@@ -493,14 +493,18 @@ def test_tile_plan_invariants(seed):
     gen = torch.Generator().manual_seed(seed)
     B, N, R = 1 + seed % 3, [1, 63, 64, 65, 200, 513][seed], 1 + seed % 4
     mem = _plan_case(gen, B, N, R)
-    tiles, rows, ref_tiles, ref_counts = ra._dense_plan(mem, R)
+    tiles, rows, ref_tiles, ref_counts, sizes = ra._dense_plan(mem, R)
     bm = ra._BLOCK_M
     assert tiles.shape[0] == -(-B * N // bm) + 2 * B and tiles.is_contiguous() and ref_tiles.is_contiguous()
+    n_work = int(sizes[0])
+    assert int(sizes[1]) == int((mem == 0).sum()), "sizes: tokens in no box"
     planned, zero_rows = [], []
     for t, (b, first, end) in enumerate(tiles.tolist()):
         assert 0 <= end - first <= bm
         toks = rows[first:end].long()
         patterns = mem[b, toks]
+        # work tiles (tokens in a box) first, then zero tiles, then empty ones
+        assert (t < n_work) == (end > first and bool((patterns != 0).all())), f"tile {t}: work tiles first (n_work {n_work})"
         if end > first and (patterns == 0).any():
             assert (patterns == 0).all(), f"tile {t} mixes tokens in no box with planned ones"
             zero_rows += [(b, i) for i in toks.tolist()]
@@ -643,6 +647,77 @@ def test_dkdv_grid_sizes_from_the_layout_hint(monkeypatch):
     assert ra._dkdv_grid(1, 4, 24, 32, 16, (6, 8), cuda) == (1, 4)
 
 
+def test_backward_strategy_auto_takes_one_kernel_where_the_walks_would_split(monkeypatch):
+    import importlib
+
+    ra = importlib.import_module("idflux.kernels.region_attention")
+    assert ra.BWD_DKDV == "auto"
+    assert ra._atomic_bwd(3) and not ra._atomic_bwd(1), "auto: atomic exactly where the dk/dv walk would be split"
+    assert not ra._atomic_bwd(3, head_dim=128), "not at head dim 128 (that kernel spills there)"
+    monkeypatch.setattr(ra, "DKDV_SPLIT", 3)
+    assert not ra._atomic_bwd(3), "a forced split runs the key-parallel kernel it asks for"
+    monkeypatch.setattr(ra, "BWD_DKDV", "atomic")
+    assert ra._atomic_bwd(1)
+    monkeypatch.setattr(ra, "BWD_DKDV", "fast")
+    with pytest.raises(ValueError, match="BWD_DKDV"):
+        ra._atomic_bwd(1)
+
+
+def test_key_blocks_fit_the_spans():
+    """Whole blocks of the largest power of 2 that fits a span, the tail in 16-key blocks."""
+    import importlib
+
+    ra = importlib.import_module("idflux.kernels.region_attention")
+    assert ra._block_n(4 * 264, 4) == 64 and ra._TAIL_N == 16, "SigLIP: 264 = 4 x 64 + a 16-key block"
+    assert ra._block_n(4 * 8, 4) == 16, "ArcFace: 8 keys in one 16-key block"
+    assert ra._block_n(40, 1) == 32 and ra._block_n(4 * 264, 4, head_dim=128) == 32
+    assert ra._block_n(4 * 264, 4, ieee=True) == 16
+
+
+@needs_triton
+@pytest.mark.parametrize("packed", [False, True])
+def test_eager_launch_runs_work_tiles_only(monkeypatch, packed):
+    """With the layout's sizes known (eager), one program per work tile: no program for tokens in
+    no box (their zeros come from the allocation) and none for the static bound's empty tiles."""
+    import importlib
+
+    ra = importlib.import_module("idflux.kernels.region_attention")
+    kern = ra._kernels()
+    grids = []
+
+    class Spy:
+        def __init__(self, name, k):
+            self.name, self.k = name, k
+
+        def __getitem__(self, grid):
+            grids.append((self.name, grid))
+            return self.k[grid]
+
+    for name in ("_region_attention_fwd", "_region_attention_bwd", "_region_attention_bwd_dkdv"):
+        monkeypatch.setattr(kern, name, Spy(name, getattr(kern, name)))
+    q, k, v, mem, offs = random_case(2, 2, 150, 16, [[5, 9, 3], [7, 0, 4]], p_in=0.5, device=KDEV)
+    mem[1, :100] = 0
+    if packed:
+        b_idx, t_idx = torch.arange(2).repeat_interleave(150), torch.arange(150).repeat(2)  # tokens in no box too
+        q = q[b_idx, :, t_idx].clone()
+        call = lambda a, b, c: region_attention_packed(a, b, c, mem[b_idx, t_idx], b_idx, offs, backend="triton")  # noqa: E731
+    else:
+        call = lambda a, b, c: region_attention(a, b, c, mem, offs, backend="triton")  # noqa: E731
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = call(*leaves)
+    counts = ((mem != 0).sum(1) + ra._BLOCK_M - 1) // ra._BLOCK_M
+    assert grids[0] == ("_region_attention_fwd", (int(counts.sum()), 2))
+    out.backward(torch.ones_like(out))
+    assert grids[1] == ("_region_attention_bwd", (int(counts.sum()), 2))
+    theirs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = (region_attention_packed(*theirs, mem[b_idx, t_idx], b_idx, offs, backend="torch") if packed
+           else region_attention(*theirs, mem, offs, backend="torch"))
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    for a, b in zip(leaves, theirs):
+        torch.testing.assert_close(a.grad, b.grad, atol=3e-5, rtol=1e-4)
+
+
 @needs_triton
 @pytest.mark.parametrize("case", ["Nq=0", "Nkv=0", "R=0", "H=0", "uint8"])
 def test_degenerate_sizes_forward_and_backward(case):
@@ -779,7 +854,8 @@ def test_checked_layout_from_host_copies_spares_the_first_call_its_read_back(bac
         ra = importlib.import_module("idflux.kernels.region_attention")
         entry = ra._layout_entry("t", device[0], device[1], device[2], k.shape[2], offs.shape[1] - 1, k.shape[0])
         plan, hint = entry[("plan", ra._BLOCK_M)]
-        assert hint == ra._hint(plan[3], device[2])
+        sizes = ra._packed_plan(device[0], device[1], k.shape[0], offs.shape[1] - 1)[4]
+        assert hint == ra._hint(plan[3], device[2], sizes)
 
 
 def test_checked_layout_checks_the_host_values_and_shapes():
