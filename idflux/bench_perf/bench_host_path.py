@@ -10,13 +10,21 @@ CUDA call pays on top of its launches (a launch itself costs a few microseconds 
 
 Rows: median and 20/80 percentiles of ``torch.utils.benchmark.Timer.blocked_autorange`` with
 the calling thread's CPU time as its clock (``time.thread_time``: on a shared machine the wall
-clock also counts time spent waiting for a core), one thread, each after the layout's first call (checked and planned once, as every module and
-denoising step after the first sees it):
-  packed_fwd_nograd   region_attention_packed under no_grad (generation: the engine's call)
-  packed_fwd          the same with inputs that need a gradient (autograd records the call)
-  dense_fwd           region_attention, dense form, inputs that need a gradient
-  packed_fwd+bwd      forward and backward through autograd
-  custom_op_fwd       the torch.library custom op (the torch.compile path) called directly
+clock also counts time spent waiting for a core), one thread, each after the call's first run
+(the layout checked and planned, the launch parameters kept: what every module and denoising step
+after the first sees):
+  packed_fwd_nograd     region_attention_packed with inputs that need no gradient, grad mode off
+                        (generation: the engine's call; the sampling loop runs under no_grad)
+  dense_fwd_nograd      region_attention, the dense form, likewise
+  packed_fwd            region_attention_packed with inputs that need a gradient (autograd records
+                        the call: torch.autograd.Function.apply)
+  packed_bwd            the backward's launcher alone (what the autograd node runs)
+  packed_fwd+bwd        forward and torch.autograd.grad through the autograd engine
+  custom_op_fwd_nograd  the torch.library op (the torch.compile path) called through the dispatcher
+  custom_op_fwd         the same with inputs that need a gradient
+and two floors that are PyTorch's own, for scale:
+  floor_apply           Function.apply of a forward that only allocates its output
+  floor_fwd+bwd         that Function's forward and torch.autograd.grad
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ import types
 
 import torch
 
-ROWS = ("packed_fwd_nograd", "packed_fwd", "dense_fwd", "packed_fwd+bwd", "custom_op_fwd")
+ROWS = ("packed_fwd_nograd", "dense_fwd_nograd", "packed_fwd", "packed_bwd", "packed_fwd+bwd",
+        "custom_op_fwd_nograd", "custom_op_fwd", "floor_apply", "floor_fwd+bwd")
 
 
 class _StubKernel:
@@ -81,29 +90,46 @@ def measure(min_run_time: float = 1.0) -> dict[str, dict[str, float]]:
     from idflux.kernels import region_attention, region_attention_packed
 
     q, k, v, mem, offs, qp, pm, b_idx = _layout()
+    qd, kd, vd, qpd = (t.detach() for t in (q, k, v, qp))
     results = {}
     torch.set_num_threads(1)
+
+    class Floor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b, c):
+            return torch.empty_like(a)
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.empty_like(g), None, None
+
     with stubbed_launches() as ra:
         packed = lambda: region_attention_packed(qp, k, v, pm, b_idx, offs, backend="triton")  # noqa: E731
-        dense = lambda: region_attention(q, k, v, mem, offs, backend="triton")  # noqa: E731
         grad = torch.ones(qp.shape)
-
-        def packed_nograd():
-            with torch.no_grad():
-                return packed()
-
-        def fwd_bwd():
-            packed().backward(grad)
-
         entry = ra._check_packed(qp, k, v, pm, b_idx, offs, None)
         plan, _ = ra._plan_for(entry, pm, b_idx, k.shape[0], offs)
         pm32 = pm.to(torch.int32)
-        op = lambda: ra._fwd_op(qp, k, v, pm32, offs, *plan, 0.25)  # noqa: E731
-        fns = {"packed_fwd_nograd": packed_nograd, "packed_fwd": packed, "dense_fwd": dense,
-               "packed_fwd+bwd": fwd_bwd, "custom_op_fwd": op}
+        op = torch.ops.idflux.region_attention_fwd.default
+        region_attention_packed(qpd, kd, vd, pm, b_idx, offs, backend="triton")
+        launch = ra._REPEAT[ra._repeat_key(qpd, kd, vd, None, "triton", pm, b_idx, offs)].launch
+        out, lse = launch(qpd, kd, vd)
+        fns = {
+            "packed_fwd_nograd": (lambda: region_attention_packed(qpd, kd, vd, pm, b_idx, offs, backend="triton"), False),
+            "dense_fwd_nograd": (lambda: region_attention(qd, kd, vd, mem, offs, backend="triton"), False),
+            "packed_fwd": (packed, True),
+            "packed_bwd": (lambda: launch.backward(grad, qpd, kd, vd, out, lse), False),
+            "packed_fwd+bwd": (lambda: torch.autograd.grad(packed(), (qp, k, v), grad), True),
+            "custom_op_fwd_nograd": (lambda: op(qpd, kd, vd, pm32, offs, *plan, 0.25), False),
+            "custom_op_fwd": (lambda: op(qp, k, v, pm32, offs, *plan, 0.25), True),
+            "floor_apply": (lambda: Floor.apply(qp, k, v), True),
+            "floor_fwd+bwd": (lambda: torch.autograd.grad(Floor.apply(qp, k, v), (qp,), grad), True),
+        }
         for name in ROWS:
-            fns[name]()  # the layout's first call: checked, planned, cached
-            m = Timer(stmt="fn()", globals={"fn": fns[name]}, num_threads=1, timer=time.thread_time).blocked_autorange(min_run_time=min_run_time)
+            fn, grad_mode = fns[name]
+            with torch.set_grad_enabled(grad_mode):
+                fn()  # the call's first run: checked, planned, kept
+                m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=1,
+                          timer=time.thread_time).blocked_autorange(min_run_time=min_run_time)
             times = sorted(m.times)
             pick = lambda p: times[min(len(times) - 1, int(p * len(times)))] * 1e6  # noqa: E731
             results[name] = {"us": m.median * 1e6, "p20": pick(0.2), "p80": pick(0.8)}
@@ -119,7 +145,7 @@ def main(argv=None) -> int:
     print(f"# region_attention host path, launches stubbed; {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, 1 thread, thread CPU time")
     for name, r in res.items():
-        print(f"{name:<20} {r['us']:8.1f} us  (p20 {r['p20']:.1f}, p80 {r['p80']:.1f})")
+        print(f"{name:<22} {r['us']:8.1f} us  (p20 {r['p20']:.1f}, p80 {r['p80']:.1f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -62,13 +62,44 @@ def region_attention_signature(fn, dtype: str, head_dim: int, *, atomic: bool = 
     return sig, const, attrs
 
 
-def compile_ptx(fn, sig: dict, const: dict, attrs: dict, *, arch: int = 90, num_warps: int = 4) -> str:
+class KernelPTX(str):
+    """A kernel's PTX, with what its launch needs beside registers: ``num_warps`` and the dynamic
+    shared memory (``shared`` bytes, Triton's pipelined buffers) from the compiled metadata."""
+
+    num_warps: int = 4
+    shared: int = 0
+
+
+def compile_ptx(fn, sig: dict, const: dict, attrs: dict, *, arch: int = 90, num_warps: int = 4) -> KernelPTX:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}).asm["ptx"]
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    out = KernelPTX(kernel.asm["ptx"])
+    out.num_warps = num_warps
+    out.shared = int(getattr(kernel.metadata, "shared", 0) or 0)
+    return out
+
+
+#: Per-SM limits used by :func:`blocks_per_sm`: registers, threads, blocks, shared memory (bytes
+#: usable by blocks), by SM version (CUDA occupancy tables: sm_80 164 KB, sm_90 228 KB of shared
+#: memory per SM, 1 KB of it reserved per block).
+_SM_LIMITS = {80: (65536, 2048, 32, 167936), 86: (65536, 1536, 16, 102400), 89: (65536, 1536, 24, 102400),
+              90: (65536, 2048, 32, 233472)}
+
+
+def blocks_per_sm(registers: int, num_warps: int, shared: int, arch: int = 90) -> tuple[int, str]:
+    """(resident blocks per SM, the limiting resource) of a kernel with ``registers`` per thread,
+    ``num_warps`` warps and ``shared`` bytes of shared memory per block. Registers are allocated per
+    warp in units of 256."""
+    regs_sm, threads_sm, blocks_sm, smem_sm = _SM_LIMITS.get(arch, _SM_LIMITS[90])
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    limits = {"registers": regs_sm // (per_warp * num_warps), "threads": threads_sm // (32 * num_warps),
+              "blocks": blocks_sm, "shared memory": smem_sm // (shared + 1024)}
+    which = min(limits, key=limits.get)
+    return limits[which], which
 
 
 def _ptxas(arch: int) -> str:
@@ -198,15 +229,16 @@ def region_attention_ptx(dtype: str = "bf16", head_dim: int = 64, arch: int = 90
     dq and dk/dv kernels, and the one-kernel atomic backward that the ArcFace branch (4 x 8 keys)
     takes on a GPU (``BWD_DKDV="auto"``)."""
     from idflux.kernels import _region_attention_triton as K
-    from idflux.kernels.region_attention import _num_warps
+    from idflux.kernels.region_attention import _bwd_warps, _num_warps
 
     cases = {name: (name, {}) for name in ("_region_attention_fwd", "_region_attention_bwd", "_region_attention_bwd_dkdv")}
     cases["_region_attention_bwd[atomic, 4x8 keys]"] = ("_region_attention_bwd", dict(atomic=True, n_kv=32, n_refs=4))
     out = {}
     for label, (name, kw) in cases.items():
         fn = getattr(K, name)
-        out[label] = compile_ptx(fn, *region_attention_signature(fn, dtype, head_dim, **kw), arch=arch,
-                                 num_warps=_num_warps(dtype == "fp32"))
+        warps = (_bwd_warps(kw.get("atomic", False), head_dim, dtype == "fp32") if name == "_region_attention_bwd"
+                 else _num_warps(dtype == "fp32"))  # as the launcher picks them
+        out[label] = compile_ptx(fn, *region_attention_signature(fn, dtype, head_dim, **kw), arch=arch, num_warps=warps)
     return out
 
 
@@ -244,8 +276,10 @@ def main(argv=None) -> int:
         line = f"{name:<36} " + ", ".join(f"{k} x{v}" for k, v in sorted(memory_ops(ptx).items()))
         if args.regs:
             u = resource_usage(ptx)
+            warps, shared = getattr(ptx, "num_warps", 4), getattr(ptx, "shared", 0) + u["smem"]
+            blocks, limit = blocks_per_sm(u["registers"], warps, shared, args.arch)
             line += (f"\n{'':<36} {u['registers']} registers, spills {u['spill_stores']}/{u['spill_loads']} B"
-                     f" (store/load), {u['smem']} B static smem")
+                     f" (store/load), {shared} B smem, {warps} warps: {blocks} blocks per SM ({limit})")
         print(line)
     return 0
 

@@ -337,13 +337,18 @@ if HAS_TRITON:
                 uc = i0 * (pxf - m2) + i1 * (pyf - m5)
                 vc = i2 * (pxf - m2) + i3 * (pyf - m5)
                 # Crop pixels within the tap support of a pixel: |u - uc| <= ru, |v - vc| <= rv, at
-                # most floor(2 r) + 1 integers per axis from ceil(c - r) on.
-                u0 = tl.ceil(uc - ru).to(tl.int32)
-                v0 = tl.ceil(vc - rv).to(tl.int32)
+                # most n = floor(2 r) + 1 integers per axis from ceil(c - r) on. The window is slid
+                # into [0, S): the part of it inside the crop stays covered, and where r was clamped
+                # (a face spanning a few image pixels, whose inverse map magnifies: uc far outside
+                # the crop while every crop pixel taps this one) it covers the whole crop.
+                nu = tl.floor(2 * ru).to(tl.int32) + 1
+                nv = tl.floor(2 * rv).to(tl.int32) + 1
+                u0 = tl.minimum(tl.maximum(tl.ceil(uc - ru).to(tl.int32), 0), tl.maximum(S - nu, 0))
+                v0 = tl.minimum(tl.maximum(tl.ceil(vc - rv).to(tl.int32), 0), tl.maximum(S - nv, 0))
                 g_face = gout_ptr + f * stride_gf + cc[:, None] * stride_gc
-                for dv in range(0, tl.floor(2 * rv).to(tl.int32) + 1):
+                for dv in range(0, nv):
                     v = v0 + dv
-                    for du in range(0, tl.floor(2 * ru).to(tl.int32) + 1):
+                    for du in range(0, nu):
                         u = u0 + du
                         inside = live & (u >= 0) & (u < S) & (v >= 0) & (v < S)
                         uf = u.to(tl.float32)

@@ -10,12 +10,14 @@ public functions, which validate their input and dispatch on ``backend``.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections import OrderedDict
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from idflux.kernels import _backend
 from idflux.kernels._backend import HAS_TRITON, resolve_backend
@@ -94,6 +96,11 @@ def _layout_entry(fn, membership, image_index, ref_offsets, Nkv, R, B, values=No
     if torch.compiler.is_compiling():
         return None
     tensors = (membership, ref_offsets) if image_index is None else (membership, image_index, ref_offsets)
+    if any(t.is_inference() for t in tensors):
+        # Made under torch.inference_mode: no version counter, so an in-place change could not be
+        # seen; such a layout is checked and planned on every call (a host sync each time).
+        _check_layout_values(fn, *(values or (membership, image_index, ref_offsets)), Nkv, R, B)
+        return {}
     tag = ("layout", Nkv, R, B, image_index is None)
     entry = _seen_before(tag, *tensors, value=True)
     if entry is not None:
@@ -240,6 +247,13 @@ def _block_n(n_kv: int, n_refs: int, ieee: bool = False, head_dim: int = 64) -> 
 
 def _num_warps(ieee: bool) -> int:
     return 8 if ieee else 4
+
+
+def _bwd_warps(atomic: bool, head_dim: int, ieee: bool) -> int:
+    """Warps of the dq / one-kernel backward launch: 8 for the atomic form at head dims over 64,
+    which holds dq and a key block's dk/dv partials at once (4 warps spill 212 B per thread there on
+    sm_90, triton 3.6; 8 warps fit in 255 registers with no spill: ``ptx --regs --head-dim 128``)."""
+    return 8 if atomic and head_dim > 64 and not ieee else _num_warps(ieee)
 
 
 def triton_next_pow2(n: int) -> int:
@@ -463,29 +477,6 @@ def _meta(q, k, R):
     return meta
 
 
-def _fwd_impl(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale, hint=None):
-    kern = _kernels()
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    R = ref_offsets.shape[1] - 1
-    if q.numel() == 0 or k.shape[2] == 0:  # nothing to attend to: every row is 0, LSE +inf
-        return torch.zeros_like(q), _lse_like(q, float("inf"))
-    programs, zeros = _launch_sizes(tiles, hint)
-    # Without a hint the zero tiles store the rows in no box; with one they come from the allocation
-    # (their LSE is never read: the backward visits work tiles only).
-    out = torch.zeros_like(q) if zeros else torch.empty_like(q)
-    lse = _lse_like(q, None)
-    if programs:
-        qs, ms = _geometry(q, membership)
-        os_, _ = _geometry(out, membership)
-        kern._region_attention_fwd[(programs, _heads(q))](
-            q, k, v, out, lse, membership, ref_offsets, tiles, rows,
-            *qs, *k.stride()[:3], *v.stride()[:3], *os_,
-            *_lse_strides(lse), *ms, ref_offsets.stride(0),
-            R, scale * kern.LOG2E, **_meta(q, k, R),
-        )
-    return out, lse
-
-
 #: How the backward gets dk/dv: "auto" (default: "atomic" where the key-parallel grid would have to
 #: split its walks to fill the GPU, as for the ArcFace branch's 8-key references, else
 #: "key_parallel"), "key_parallel" (one program per key block walks the tiles of its reference, no
@@ -505,125 +496,300 @@ def _atomic_bwd(split: int, head_dim: int = 64) -> bool:
     return BWD_DKDV == "atomic" or (BWD_DKDV == "auto" and split > 1 and DKDV_SPLIT is None and head_dim <= 64)
 
 
+
+_LOG2E = 1.4426950408889634  # the kernels' exp2 base change (the scale is passed in log2 units)
+
+
+class _Fwd:
+    """The forward launch for one signature of (q, k, v) and one layout.
+
+    The grid, the strides and the compile-time parameters are worked out on the first call and
+    kept: a repeat call (same layout, shapes, strides, dtypes; see :class:`_Repeat`) allocates the
+    output and LSE and launches, nothing else. ``plan`` = (tiles, rows, ref_tiles, ref_counts).
+    """
+
+    __slots__ = ("membership", "ref_offsets", "plan", "scale", "hint", "copy", "trivial", "grid", "zeros",
+                 "lse_shape", "args", "meta")
+
+    def __init__(self, q, k, v, membership, ref_offsets, plan, scale, hint):
+        self.membership, self.ref_offsets, self.plan, self.scale, self.hint = membership, ref_offsets, plan, scale, hint
+        self.copy = any(t.stride(-1) != 1 for t in (q, k, v))
+        self.trivial = q.numel() == 0 or k.shape[2] == 0  # nothing to attend to: rows 0, LSE +inf
+        programs, self.zeros = _launch_sizes(plan[0], hint)
+        self.grid = (programs, _heads(q))
+        self.lse_shape = (q.shape[1], q.shape[0]) if q.dim() == 3 else tuple(q.shape[:3])
+        self.args = self.meta = None
+
+    def __call__(self, q, k, v):
+        if self.args is not None and not self.copy:  # a repeat call: allocate, launch
+            out = torch.zeros_like(q) if self.zeros else torch.empty_like(q)
+            lse = torch.empty(*self.lse_shape, dtype=torch.float32, device=q.device)  # (varargs: ~1 us less)
+            _kernels()._region_attention_fwd[self.grid](q, k, v, out, lse, self.membership, self.ref_offsets,
+                                                        self.plan[0], self.plan[1], *self.args, **self.meta)
+            return out, lse
+        if self.copy:
+            q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        if self.trivial:
+            return torch.zeros_like(q), torch.full(self.lse_shape, float("inf"), dtype=torch.float32, device=q.device)
+        # Without a hint the zero tiles store the rows in no box; with one they come from the
+        # allocation (their LSE is never read: the backward visits work tiles only).
+        out = torch.zeros_like(q) if self.zeros else torch.empty_like(q)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=q.device)
+        if not self.grid[0]:
+            return out, lse
+        if self.args is None:
+            R = self.ref_offsets.shape[1] - 1
+            qs, ms = _geometry(q, self.membership)
+            self.args = (*qs, *k.stride()[:3], *v.stride()[:3], *_geometry(out, self.membership)[0],
+                         *_lse_strides(lse), *ms, self.ref_offsets.stride(0), R, self.scale * _LOG2E)
+            self.meta = _meta(q, k, R)
+        _kernels()._region_attention_fwd[self.grid](q, k, v, out, lse, self.membership, self.ref_offsets,
+                                                    self.plan[0], self.plan[1], *self.args, **self.meta)
+        return out, lse
+
+
+class _Bwd:
+    """The backward launches for one signature of (dO, q, k, v, out) and one layout, worked out on
+    the first call and kept, like :class:`_Fwd`."""
+
+    __slots__ = ("fwd", "trivial", "atomic", "split", "nb", "grid", "grid_dkdv", "zeros", "acc_dtype", "alloc",
+                 "args", "args_dkdv", "meta", "meta_bwd")
+
+    def __init__(self, fwd: _Fwd, q, k):
+        self.fwd = fwd
+        B, Nkv = k.shape[0], k.shape[2]
+        R = fwd.ref_offsets.shape[1] - 1
+        self.meta = _meta(q, k, R)
+        self.nb, self.split = _dkdv_grid(B, R, _heads(q), Nkv, self.meta["BLOCK_N"], fwd.hint, k.device)
+        self.atomic = _atomic_bwd(self.split, q.shape[-1])
+        programs, self.zeros = fwd.grid[0], fwd.zeros
+        self.trivial = not (q.numel() and Nkv and programs)
+        accumulate = self.atomic or self.split > 1
+        self.acc_dtype = torch.float32 if accumulate else k.dtype
+        # The key-parallel kernel stores every key of every reference span; only keys outside all
+        # spans (and accumulated buffers) need zeros first: no memsets when the spans cover [0, Nkv).
+        hint = fwd.hint
+        covered = hint is not None and hint[2] == 0 and hint[3] == Nkv
+        self.alloc = torch.empty if covered and not accumulate and R else torch.zeros
+        self.grid = (programs, _heads(q))
+        self.grid_dkdv = None if self.atomic or not R else (B * R * self.nb * self.split, _heads(q))
+        warps = _bwd_warps(self.atomic, q.shape[-1], self.meta["IEEE"])
+        self.meta_bwd = self.meta if warps == self.meta["num_warps"] else {**self.meta, "num_warps": warps}
+        self.args = self.args_dkdv = None
+
+    def __call__(self, do, q, k, v, out, lse):
+        if self.fwd.copy or do.stride(-1) != 1:
+            q, k, v, out, do = (_last_dim_contiguous(t) for t in (q, k, v, out, do))
+        dq = torch.zeros_like(q) if self.zeros else torch.empty_like(q)  # work tiles write their rows
+        dk = self.alloc(k.shape, dtype=self.acc_dtype, device=k.device)
+        dv = self.alloc(v.shape, dtype=self.acc_dtype, device=v.device)
+        if self.trivial:
+            return dq.zero_(), dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
+        delta = torch.empty_like(lse)  # written by the dq kernel for every planned row, read by dk/dv
+        fwd = self.fwd
+        membership, ref_offsets, (tiles, rows, ref_tiles, ref_counts) = fwd.membership, fwd.ref_offsets, fwd.plan
+        if self.args is None:
+            R = ref_offsets.shape[1] - 1
+            qs, ms = _geometry(q, membership)
+            ks, vs, dks = k.stride()[:3], v.stride()[:3], dk.stride()[:3]
+            os_, ds_, gs = (_geometry(t, membership)[0] for t in (out, do, dq))
+            ls = _lse_strides(lse)
+            self.args = (*qs, *ks, *vs, *os_, *ds_, *gs, *dks, *ls, *ms, ref_offsets.stride(0),
+                         R, fwd.scale * _LOG2E, fwd.scale)
+            self.args_dkdv = (*qs, *ks, *vs, *ds_, *dks, *ls, *ms, ref_offsets.stride(0), ref_tiles.stride(0),
+                              R, self.nb, self.split, fwd.scale * _LOG2E, fwd.scale)
+        kern = _kernels()
+        kern._region_attention_bwd[self.grid](
+            q, k, v, out, do, dq, dk, dv, lse, delta, membership, ref_offsets, tiles, rows,
+            *self.args, ATOMIC_DKDV=self.atomic, **self.meta_bwd)
+        if self.grid_dkdv is not None:
+            kern._region_attention_bwd_dkdv[self.grid_dkdv](
+                q, k, v, do, dk, dv, lse, delta, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts,
+                *self.args_dkdv, ADD_OUT=self.split > 1, **self.meta)
+        if self.acc_dtype != k.dtype:
+            dk, dv = dk.to(k.dtype), dv.to(v.dtype)
+        return dq, dk, dv
+
+
+def _fwd_impl(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale, hint=None):
+    return _Fwd(q, k, v, membership, ref_offsets, (tiles, rows, ref_tiles, ref_counts), scale, hint)(q, k, v)
+
+
 def _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale, hint=None):
-    kern = _kernels()
-    q, k, v, out, do = (_last_dim_contiguous(t) for t in (q, k, v, out, do))
-    B, Nkv = k.shape[0], k.shape[2]
-    R = ref_offsets.shape[1] - 1
-    meta = _meta(q, k, R)
-    nb, split = _dkdv_grid(B, R, _heads(q), Nkv, meta["BLOCK_N"], hint, k.device)
-    atomic = _atomic_bwd(split, q.shape[-1])
-    programs, zeros = _launch_sizes(tiles, hint)
-    dq = torch.zeros_like(q) if zeros else torch.empty_like(q)  # work tiles write their rows
-    accumulate = atomic or split > 1
-    acc_dtype = torch.float32 if accumulate else k.dtype
-    # The key-parallel kernel stores every key of every reference span; only keys outside all spans
-    # (and accumulated buffers) need zeros first: no memsets when the spans cover [0, Nkv).
-    covered = hint is not None and hint[2] == 0 and hint[3] == Nkv
-    alloc = torch.empty if covered and not accumulate and R else torch.zeros
-    dk = alloc(k.shape, dtype=acc_dtype, device=k.device)
-    dv = alloc(v.shape, dtype=acc_dtype, device=v.device)
-    if not (q.numel() and Nkv and programs):
-        return dq.zero_(), dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
-    delta = torch.empty_like(lse)  # written by the dq kernel for every planned row, read by dk/dv
-    qs, ms = _geometry(q, membership)
-    ks, vs, dks = k.stride()[:3], v.stride()[:3], dk.stride()[:3]
-    os_, ds_, gs = (_geometry(t, membership)[0] for t in (out, do, dq))
-    ls = _lse_strides(lse)
-    kern._region_attention_bwd[(programs, _heads(q))](
-        q, k, v, out, do, dq, dk, dv, lse, delta, membership, ref_offsets, tiles, rows,
-        *qs, *ks, *vs,
-        *os_, *ds_, *gs, *dks,
-        *ls, *ms, ref_offsets.stride(0),
-        R, scale * kern.LOG2E, scale, ATOMIC_DKDV=atomic, **meta,
-    )
-    if not atomic and R:
-        kern._region_attention_bwd_dkdv[(B * R * nb * split, _heads(q))](
-            q, k, v, do, dk, dv, lse, delta, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts,
-            *qs, *ks, *vs,
-            *ds_, *dks,
-            *ls, *ms, ref_offsets.stride(0), ref_tiles.stride(0),
-            R, nb, split, scale * kern.LOG2E, scale, ADD_OUT=split > 1, **meta,
-        )
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    fwd = _Fwd(q, k, v, membership, ref_offsets, (tiles, rows, ref_tiles, ref_counts), scale, hint)
+    return _Bwd(fwd, q, k)(do, q, k, v, out, lse)
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library custom ops: opaque to torch.compile, with fake (shape) and autograd registrations
+# torch.library ops: opaque to torch.compile, with fake (shape) and autograd registrations
 # ---------------------------------------------------------------------------------------------
+# Defined on a torch.library.Library with one kernel per dispatch key rather than through
+# torch.library.custom_op: the latter's Python autograd wrapper (pytree walks over all ten
+# arguments, a redispatch) cost ~35 us per call here, several times the launch it wraps; this
+# registration's dispatch costs ~11 us (bench_host_path's custom_op rows).
 
-@torch.library.custom_op("idflux::region_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, membership: torch.Tensor, ref_offsets: torch.Tensor,
-            tiles: torch.Tensor, rows: torch.Tensor, ref_tiles: torch.Tensor, ref_counts: torch.Tensor,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_impl(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale)
+_LIB = torch.library.Library("idflux", "FRAGMENT")  # noqa: TOR901 (kept for the process's lifetime)
+_LIB.define("region_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor membership, Tensor ref_offsets, Tensor tiles, "
+            "Tensor rows, Tensor ref_tiles, Tensor ref_counts, float scale) -> (Tensor, Tensor)")
+_LIB.define("region_attention_bwd(Tensor do, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor membership, "
+            "Tensor ref_offsets, Tensor tiles, Tensor rows, Tensor ref_tiles, Tensor ref_counts, float scale) "
+            "-> (Tensor, Tensor, Tensor)")
+_fwd_op = torch.ops.idflux.region_attention_fwd.default
+_bwd_op = torch.ops.idflux.region_attention_bwd.default
+for _key in ("CPU", "CUDA"):
+    _LIB.impl("region_attention_fwd", _fwd_impl, _key)
+    _LIB.impl("region_attention_bwd", _bwd_impl, _key)
 
 
-@_fwd_op.register_fake
+@torch.library.register_fake("idflux::region_attention_fwd", lib=_LIB)
 def _(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale):
     shape = (q.shape[1], q.shape[0]) if q.dim() == 3 else tuple(q.shape[:3])
     return torch.empty_like(q), q.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("idflux::region_attention_bwd", mutates_args=())
-def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-            membership: torch.Tensor, ref_offsets: torch.Tensor, tiles: torch.Tensor, rows: torch.Tensor,
-            ref_tiles: torch.Tensor, ref_counts: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(do, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale)
-
-
-@_bwd_op.register_fake
+@torch.library.register_fake("idflux::region_attention_bwd", lib=_LIB)
 def _(do, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output):
-    *tensors, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(*tensors, out, lse)
-    ctx.scale = scale
+class _OpFunction(torch.autograd.Function):
+    """The fwd op's autograd formula (its Autograd kernel applies it when a gradient is needed)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale):
+        with torch._C._AutoDispatchBelowAutograd():
+            out, lse = _fwd_op(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale)
+        ctx.save_for_backward(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, out, lse)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, out, lse = ctx.saved_tensors
+        dq, dk, dv = _bwd_op(d_out, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def _backward(ctx, d_out, d_lse):
-    q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, out, lse = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(d_out, q, k, v, out, lse, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None, None, None
+def _fwd_autograd(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale):
+    if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
+        return _OpFunction.apply(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _fwd_op(q, k, v, membership, ref_offsets, tiles, rows, ref_tiles, ref_counts, scale)
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+def _bwd_autograd(do, q, k, v, out, lse, *layout_and_scale):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (do, q, k, v, out)):
+        raise RuntimeError("region_attention has no double backward: its gradients are not differentiable "
+                           "(torch.autograd.grad(..., create_graph=True) through it is not supported)")
+    with torch._C._AutoDispatchBelowAutograd():
+        return _bwd_op(do, q, k, v, out, lse, *layout_and_scale)
+
+
+_LIB.impl("region_attention_fwd", _fwd_autograd, "Autograd")
+_LIB.impl("region_attention_bwd", _bwd_autograd, "Autograd")
 
 
 class RegionAttentionFunction(torch.autograd.Function):
     """Eager-mode autograd wrapper of the same launchers: skips the custom-op dispatcher, whose
-    per-call Python cost is comparable to the kernel itself at these sizes. Under torch.compile
-    the custom op is used instead (see :func:`_region_attention_triton`)."""
+    per-call Python cost is several times a launch at these sizes. Under torch.compile the custom
+    op is used instead (see :func:`_region_attention_triton`). ``launch`` is the call's
+    :class:`_Fwd`; the backward's :class:`_Bwd` is built on the first backward and kept on it."""
 
     @staticmethod
-    def forward(ctx, q, k, v, layout, scale, hint):
-        # layout = (membership, ref_offsets, tiles, rows, ref_tiles, ref_counts): integer tensors that
-        # need no gradient, passed as one argument (apply's per-argument cost adds up at 114 calls
-        # per FLUX step). The caller's two are saved (an in-place change before the backward is
-        # caught); the plan is the layout cache's own and stays on ctx.
-        membership, ref_offsets, *plan = layout
-        out, lse = _fwd_impl(q, k, v, membership, ref_offsets, *plan, scale, hint)
-        ctx.save_for_backward(q, k, v, membership, ref_offsets, out, lse)
-        ctx.plan, ctx.scale, ctx.hint = plan, scale, hint
+    def forward(ctx, q, k, v, launch):
+        out, lse = launch(q, k, v)
+        # The layout's two tensors are saved too: an in-place change before the backward is caught.
+        ctx.save_for_backward(q, k, v, launch.membership, launch.ref_offsets, out, lse)
+        ctx.launch = launch
         return out
 
     @staticmethod
+    @once_differentiable  # the gradients are not differentiable: a double backward is refused, not wrong
     def backward(ctx, d_out):
-        q, k, v, membership, ref_offsets, out, lse = ctx.saved_tensors
-        dq, dk, dv = _bwd_impl(d_out, q, k, v, out, lse, membership, ref_offsets, *ctx.plan, ctx.scale, ctx.hint)
-        return dq, dk, dv, None, None, None
+        q, k, v, _, _, out, lse = ctx.saved_tensors
+        return (*ctx.launch.backward(d_out, q, k, v, out, lse), None)
+
+
+class _Launch(_Fwd):
+    """A :class:`_Fwd` that also keeps its backward launches (one per dO stride pattern)."""
+
+    __slots__ = ("bwds",)
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.bwds = {}
+
+    def backward(self, do, q, k, v, out, lse):
+        key = do.stride()
+        bwd = self.bwds.get(key)
+        if bwd is None:
+            bwd = self.bwds[key] = _Bwd(self, q, k)
+        return bwd(do, q, k, v, out, lse)
+
+    def apply(self, q, k, v):
+        if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
+            return RegionAttentionFunction.apply(q, k, v, self)
+        return self(q, k, v)[0]  # no autograd record (generation)
 
 
 def _region_attention_triton(q, k, v, membership, ref_offsets, planned, scale):
     plan, hint = planned
     if torch.compiler.is_compiling():
         return _fwd_op(q, k, v, membership, ref_offsets, *plan, scale)[0]
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        return _fwd_impl(q, k, v, membership, ref_offsets, *plan, scale, hint)[0]  # no autograd record (generation)
-    return RegionAttentionFunction.apply(q, k, v, (membership, ref_offsets, *plan), scale, hint)
+    return _Launch(q, k, v, membership, ref_offsets, plan, scale, hint)
+
+
+# ---------------------------------------------------------------------------------------------
+# Repeat calls: the host path
+# ---------------------------------------------------------------------------------------------
+# The engine calls the op with the same layout tensors, shapes and strides in every module and at
+# every step (114 calls per FLUX step). A call whose signature (the layout tensors' identities and
+# versions, q/k/v shapes, strides, dtypes and devices, scale, backend and the module's knobs)
+# matches one that passed every check before skips the checks, the layout-cache lookup and the
+# launch arithmetic: it allocates and launches. `python -m idflux.bench_perf.bench_host_path` times it.
+
+_REPEAT: dict = {}
+_REPEAT_MAX = 64
+
+
+class _Repeat:
+    """What a call with a signature seen before runs: the kept launch (Triton) or the reference
+    with the layout's token groups (torch). It holds the layout's tensors, so their ``id`` in the
+    signature cannot be reused by another tensor while it is kept; their version counters are in
+    the signature too (an in-place change makes the next call a first call: checked again)."""
+
+    __slots__ = ("layout", "launch", "ref", "ref_args")
+
+    def __init__(self, layout, launch=None, ref=None, ref_args=()):
+        self.layout, self.launch, self.ref, self.ref_args = layout, launch, ref, ref_args
+
+    def __call__(self, q, k, v):
+        if self.launch is not None:
+            return self.launch.apply(q, k, v)
+        return self.ref(q, k, v, *self.ref_args)
+
+
+def _repeat_key(q, k, v, scale, backend, *layout):
+    """The signature of a call (None when it cannot be formed: the checks then report the problem)."""
+    try:
+        key = (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
+               v.shape, v.stride(), v.dtype, v.device, scale, backend, _backend.INTERPRET, BWD_DKDV, DKDV_SPLIT,
+               _block_n)
+        for t in layout:
+            key += (id(t), t._version)
+        hash(key)
+        return key
+    except (AttributeError, TypeError, RuntimeError):  # not tensors; inference tensors have no version
+        return None
+
+
+def _keep(key, layout, rep: _Repeat):
+    if key is None:
+        return
+    if len(_REPEAT) >= _REPEAT_MAX:
+        _REPEAT.pop(next(iter(_REPEAT)))
+    _REPEAT[key] = rep
 
 
 def _groups_for(entry, membership, image_index, ref_offsets):
@@ -648,6 +814,29 @@ def _kernel_ready(fn, q, membership):
     return membership if membership.dtype in (torch.int32, torch.int64) else membership.to(torch.int32)
 
 
+def _first_call(fn, key, layout, q, k, v, membership, image_index, ref_offsets, scale, impl, entry):
+    """A call whose signature was not seen before (its input checked): build what it runs, keep it
+    for the repeat calls, run it."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if impl == "torch":
+        groups = _groups_for(entry, membership, image_index, ref_offsets)
+        if image_index is None:
+            ref, ref_args = region_attention_ref, (membership, ref_offsets, scale)
+        else:
+            ref, ref_args = region_attention_packed_ref, (membership, image_index, ref_offsets, scale)
+        if entry is None:  # torch.compile: traced, nothing kept
+            return ref(q, k, v, *ref_args, groups=None)
+        rep = _Repeat(layout, ref=functools.partial(ref, groups=groups), ref_args=ref_args)
+    else:
+        plan = _plan_for(entry, membership, image_index, k.shape[0], ref_offsets)
+        launch = _region_attention_triton(q, k, v, _kernel_ready(fn, q, membership), ref_offsets, plan, scale)
+        if not isinstance(launch, _Launch):  # torch.compile: the custom op's output
+            return launch
+        rep = _Repeat(layout, launch=launch)
+    _keep(key, layout, rep)
+    return rep(q, k, v)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------------
@@ -667,8 +856,10 @@ def region_attention(q, k, v, membership, ref_offsets, *, scale=None, backend="a
 
     The first call with a layout (membership, ref_offsets) reads its values back to check them and
     builds the kernels' tile plan on the device; later calls with the same tensors reuse both and
-    never sync. Under ``torch.compile`` (``fullgraph=True`` works) the value checks are skipped and
-    the plan is computed inside the graph: validate a layout with one eager call first.
+    never sync, and a call repeating an earlier one's shapes, strides and dtypes goes straight to
+    the launch (a few microseconds of host time). Under ``torch.compile`` (``fullgraph=True``
+    works) the value checks are skipped and the plan is computed inside the graph: validate a
+    layout with one eager call first.
 
     Returns:
         (B, H, Nq, D) in q's dtype. Token i attends in one softmax to the union of the spans of its
@@ -682,16 +873,14 @@ def region_attention(q, k, v, membership, ref_offsets, *, scale=None, backend="a
         >>> region_attention(q, k, v, membership, offsets, backend="torch").shape
         torch.Size([1, 2, 5, 8])
     """
+    key = None if torch.compiler.is_compiling() else _repeat_key(q, k, v, scale, backend, membership, ref_offsets)
+    rep = _REPEAT.get(key)
+    if rep is not None:
+        return rep(q, k, v)
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     impl = resolve_backend("region_attention", backend, device)
     entry = _check_inputs(q, k, v, membership, ref_offsets, scale)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if impl == "torch":
-        return region_attention_ref(q, k, v, membership, ref_offsets, scale,
-                                    groups=_groups_for(entry, membership, None, ref_offsets))
-    plan = _plan_for(entry, membership, None, q.shape[0], ref_offsets)
-    membership = _kernel_ready("region_attention", q, membership)
-    return _region_attention_triton(q, k, v, membership, ref_offsets, plan, scale)
+    return _first_call("region_attention", key, (membership, ref_offsets), q, k, v, membership, None, ref_offsets, scale, impl, entry)
 
 
 def region_attention_packed(q, k, v, membership, image_index, ref_offsets, *, scale=None, backend="auto"):
@@ -699,7 +888,7 @@ def region_attention_packed(q, k, v, membership, image_index, ref_offsets, *, sc
 
     Because the adapter's ``to_out`` has no bias, tokens outside every box receive exactly zero and
     need no computing at all: the engine gathers the in-box tokens of all images into one (T, H, D)
-    tensor. Same semantics and kernel as :func:`region_attention`.
+    tensor. Same semantics and kernel as :func:`region_attention`, including the repeat-call path.
 
     Args:
         q: (T, H, D) queries of the packed tokens, in any image order.
@@ -718,13 +907,13 @@ def region_attention_packed(q, k, v, membership, image_index, ref_offsets, *, sc
         >>> out.shape
         torch.Size([3, 2, 8])
     """
+    key = None if torch.compiler.is_compiling() else _repeat_key(q, k, v, scale, backend, membership, image_index,
+                                                                 ref_offsets)
+    rep = _REPEAT.get(key)
+    if rep is not None:
+        return rep(q, k, v)
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     impl = resolve_backend("region_attention_packed", backend, device)
     entry = _check_packed(q, k, v, membership, image_index, ref_offsets, scale)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if impl == "torch":
-        return region_attention_packed_ref(q, k, v, membership, image_index, ref_offsets, scale,
-                                           groups=_groups_for(entry, membership, image_index, ref_offsets))
-    plan = _plan_for(entry, membership, image_index, k.shape[0], ref_offsets)
-    membership = _kernel_ready("region_attention_packed", q, membership)
-    return _region_attention_triton(q, k, v, membership, ref_offsets, plan, scale)
+    return _first_call("region_attention_packed", key, (membership, image_index, ref_offsets), q, k, v, membership, image_index, ref_offsets,
+                       scale, impl, entry)

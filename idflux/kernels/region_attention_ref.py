@@ -9,10 +9,12 @@ and a fast CPU path.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def _pattern_spans(pattern: int, offsets: list[int]) -> list[tuple[int, int]]:
@@ -104,11 +106,17 @@ def _grouped_attention(q, k, v, groups, acc, scale):
         index = torch.cat(rows)
         queries = q.index_select(0, index).split([r.numel() for r in rows])
     outs = []
-    for (b, _, keys), qs in zip(groups, queries):
-        # 4-D (1, H, n, D): the rank SDPA's fused CPU kernel takes (3-D goes to the slower math path).
-        qs = qs.transpose(0, 1).to(acc)[None]
-        ks, vs = k[b, :, keys].to(acc)[None], v[b, :, keys].to(acc)[None]
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale)[0].transpose(0, 1))
+    # PyTorch's fused SDPA returns 0 for a row whose every score is NaN or -inf (it takes the row
+    # for fully masked), where softmax gives NaN: with a non-finite key (a poisoned reference) the
+    # groups take the math kernel, so a token that sees NaN gets NaN, as in the Triton kernels.
+    # (One reduction over k per call; a host sync on CUDA, where backend="torch" is opt-in.)
+    ieee = not bool(torch.isfinite(k).all()) if k.numel() else False
+    with (sdpa_kernel(SDPBackend.MATH) if ieee else contextlib.nullcontext()):
+        for (b, _, keys), qs in zip(groups, queries):
+            # 4-D (1, H, n, D): the rank SDPA's fused CPU kernel takes (3-D goes to the slower math path).
+            qs = qs.transpose(0, 1).to(acc)[None]
+            ks, vs = k[b, :, keys].to(acc)[None], v[b, :, keys].to(acc)[None]
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale)[0].transpose(0, 1))
     if contiguous:  # one concatenation with zero rows in the gaps, no scatter
         it = iter(outs)
         return torch.cat([next(it) if g else q.new_zeros((n, H, D), dtype=acc) for n, g in zip(sizes, is_group)])

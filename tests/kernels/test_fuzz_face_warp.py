@@ -108,17 +108,7 @@ def test_fuzz_triton_matches_reference(seed):
         got, tol = run({**case, "images": case["images"].to(dtype).double()}, "torch", torch.float32), 2e-2
     else:
         got, tol = run(case, "triton", dtype), (1e-4 if dtype == torch.float32 else 1e-2)
-    try:
-        _compare(what, dtype, tol, got, want, case)
-    except AssertionError as exc:
-        # Known defect, tracked in docs/kernels/face_warp.md: for a face whose five landmarks span under
-        # 2 image pixels (a blow-up of ~100x and more), the Triton backward (gather and scatter alike)
-        # differs from autograd of the reference while the forward matches. Only that regime, and only
-        # the image gradient, is let through (as xfail); every other mismatch fails.
-        extent = (case["lmk"].amax(1) - case["lmk"].amin(1)).amax(1)
-        if "images.grad" in str(exc) and bool((extent < 2).any()):
-            pytest.xfail(f"known sub-pixel-face backward defect: {exc}")
-        raise
+    _compare(what, dtype, tol, got, want, case)
     if not case["check"]:  # invalid faces: exactly -1 crops on both backends
         valid = face_warp_valid(case["lmk"], case["index"], case["images"].shape[0], size=case["size"],
                                 transform=case["transform"], backend="triton")
@@ -133,3 +123,41 @@ def test_fuzz_draws_cover_the_cases_that_matter():
     want = {"None", "nan", "equal", "collinear", "index", "similarity", "affine", "bilinear", "bicubic",
             "torch.float32", "torch.float16", "torch.bfloat16", "check=True", "check=False"}
     assert want <= seen, f"draws miss {want - seen}"
+
+
+@pytest.mark.parametrize("bwd", ["gather", "scatter"])
+@pytest.mark.parametrize("seed", [138, 7])
+def test_sub_pixel_faces_get_the_exact_image_gradient(monkeypatch, bwd, seed):
+    """Faces whose landmarks span a pixel or less (the fuzz's seed 138, then a 9 x 9 image): the
+    inverse map magnifies ~100x, so the gather window, centred on a pixel's inverse image, used to
+    miss crop pixels that tap it (image gradient 2.17 against 1.85). Both backwards must match the
+    reference's autograd, which finite differences of the forward confirm here."""
+    import importlib
+
+    fw = importlib.import_module("idflux.kernels.face_warp")
+    monkeypatch.setattr(fw, "BWD", bwd)
+    case = draw_case(138)
+    if seed != 138:
+        gen = torch.Generator().manual_seed(seed)
+        case = {**case, "images": torch.rand(2, 3, 9, 9, generator=gen, dtype=torch.float64) * 2 - 1,
+                "lmk": case["lmk"] * 3 + 2.5, "index": torch.tensor([0, 1, 1, 0, 1]),
+                "grad": torch.randn(5, 3, case["size"], case["size"], generator=gen, dtype=torch.float64)}
+    case = {**case, "dtype": torch.float32}
+    got = run(case, "triton", torch.float32)
+    want = run(case, "torch", torch.float64)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4, msg=f"{bwd} image gradient")
+    # finite differences of the float64 forward at one pixel
+    x = case["images"].clone()
+    eps, (b, ch, i, j) = 1e-6, (0, 0, 0, 0)
+
+    def loss(img):
+        out = face_warp(img, case["lmk"], case["index"], size=case["size"], transform=case["transform"],
+                        interpolation=case["interpolation"], backend="torch", check=case["check"])
+        return float((out.double() * case["grad"]).sum())
+
+    xp, xm = x.clone(), x.clone()
+    xp[b, ch, i, j] += eps
+    xm[b, ch, i, j] -= eps
+    fd = (loss(xp) - loss(xm)) / (2 * eps)
+    assert abs(got[1][b, ch, i, j].item() - fd) <= 1e-4 * max(1.0, abs(fd)), (got[1][b, ch, i, j].item(), fd)

@@ -124,25 +124,13 @@ def _check(gen, dtype, backend, label):
 def test_fuzz_triton_against_reference(chunk, monkeypatch):
     """60 cases per chunk (240 in all) on the kernels, fp32 and fp16, each backward strategy."""
     gen = torch.Generator().manual_seed(1000 + chunk)
-    known = []
     for i in range(60):
         dtype = (torch.float32, torch.float16)[i % 2]
         strategy = ("key_parallel", "atomic")[(i // 2) % 2]
         split = (None, None, 2)[i % 3]
         monkeypatch.setattr(RA, "BWD_DKDV", strategy)
         monkeypatch.setattr(RA, "DKDV_SPLIT", split)
-        try:
-            _check(gen, dtype, "triton", f"chunk {chunk} case {i} {strategy} split={split}")
-        except AssertionError as exc:
-            # Known defect (docs/kernels.md, "Known defects"): in fp16 the forward can turn a poisoned
-            # key's inf/NaN into NaN for a few tokens outside its box. Only that is let through, as an
-            # expected failure at the end of the chunk; every other mismatch fails here.
-            if dtype == torch.float16 and " out:" in str(exc):
-                known.append(str(exc).splitlines()[0])
-                continue
-            raise
-    if known:
-        pytest.xfail(f"known fp16 forward NaN leak in {len(known)} case(s): {known[0]}")
+        _check(gen, dtype, "triton", f"chunk {chunk} case {i} {strategy} split={split}")
 
 
 def test_fuzz_bf16_torch_path_against_reference():
@@ -150,3 +138,33 @@ def test_fuzz_bf16_torch_path_against_reference():
     gen = torch.Generator().manual_seed(2000)
     for i in range(80):
         _check(gen, torch.bfloat16, "torch", f"bf16 case {i}")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("poison", ["k_nan", "k_nan_every_key", "v_inf"])
+def test_a_token_that_sees_nan_gets_nan_and_no_other_token_does(backend, dtype, poison):
+    """The case the fuzz found (chunk 2, case 25): a one-key reference whose key holds NaN. Every
+    score of the tokens in its box alone is NaN, and softmax of NaN is NaN: both backends return
+    NaN there (PyTorch's fused CPU SDPA alone returns 0 for such a row; the reference takes the
+    math kernel when a key is non-finite). Tokens outside its box stay finite and exact."""
+    if backend == "torch" and dtype == torch.float16 and not torch.cuda.is_available():
+        dtype = torch.float32  # (fp16 SDPA on the CPU: same semantics, tested on CUDA)
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=gen) for n in (9, 6, 6))
+    offs = torch.tensor([[0, 1, 4, 6]])  # reference 0 owns one key
+    mem = torch.tensor([[1, 1, 2, 3, 4, 6, 0, 5, 2]])
+    if poison == "k_nan":
+        k[0, 0, 0, 3] = float("nan")
+    elif poison == "k_nan_every_key":
+        k[0, :, 0] = float("nan")
+    else:
+        v[0, 1, 0, 5] = float("inf")
+    q, k, v = (t.to(dtype).to(DEV) for t in (q, k, v))
+    out = region_attention(q, k, v, mem.to(DEV), offs.to(DEV), backend=backend).float().cpu()
+    sees_ref0 = (mem[0] & 1).bool()
+    bad = ~torch.isfinite(out)  # (1, H, Nq, D)
+    assert bad[0][:, sees_ref0].any(-1).any(0).all(), f"every token in box 0 sees the poison: {bad.any(-1)}"
+    assert not bad[0][:, ~sees_ref0].any(), "a token outside box 0 got a non-finite value"
+    clean = region_attention(*(t.double().cpu() for t in (q, k, v)), mem, offs, backend="torch")
+    torch.testing.assert_close(out[0][:, ~sees_ref0].double(), clean[0][:, ~sees_ref0], atol=4e-3, rtol=5e-3)
