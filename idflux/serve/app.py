@@ -230,10 +230,9 @@ class LayoutServer:
 # -- CLI ---------------------------------------------------------------------------------------------
 
 def port_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    from idflux.engine.cli import parse_number
+
+    value = parse_number(text)
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a TCP port in 1..65535, got {value}")
     return value
