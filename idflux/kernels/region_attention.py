@@ -774,8 +774,8 @@ def _repeat_key(q, k, v, scale, backend, *layout):
     """The signature of a call (None when it cannot be formed: the checks then report the problem)."""
     try:
         key = (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
-               v.shape, v.stride(), v.dtype, v.device, scale, backend, _backend.INTERPRET, BWD_DKDV, DKDV_SPLIT,
-               _block_n)
+               v.shape, v.stride(), v.dtype, v.device, scale, backend, _backend.INTERPRET, _backend.HAS_TRITON, BWD_DKDV,
+               DKDV_SPLIT, _block_n)
         for t in layout:
             key += (id(t), t._version)
         hash(key)

@@ -166,3 +166,21 @@ def test_host_path_bench_measures_every_row_and_reaches_the_launches(monkeypatch
     assert set(res) == set(bh.ROWS)
     assert all(r["us"] > 0 and r["p20"] <= r["p80"] for r in res.values())
     assert launched and min(launched) > 20  # every kernel argument passed
+
+
+@needs_triton
+def test_backend_availability_is_part_of_the_signature(monkeypatch):
+    """A call that ran the kernels, repeated after triton became unusable, reports that instead of
+    replaying the kept launch."""
+    from idflux.kernels import _backend
+
+    q, k, v, mem, offs = case()
+    region_attention(q, k, v, mem, offs, backend="triton")
+    monkeypatch.setattr(_backend, "HAS_TRITON", False)
+    with pytest.raises(RuntimeError, match="triton"):
+        region_attention(q, k, v, mem, offs, backend="triton")
+    if not CUDA:
+        monkeypatch.setattr(_backend, "HAS_TRITON", True)
+        monkeypatch.setattr(_backend, "INTERPRET", False)
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            region_attention(q, k, v, mem, offs, backend="triton")
