@@ -14,7 +14,6 @@ import functools
 import math
 import weakref
 from collections import OrderedDict
-from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -419,14 +418,6 @@ def _geometry(t, membership):
     if len(st) == 3:
         return (0, st[1], st[0]), (0, ms[0])
     return st[:3], ms[:2]
-
-
-def _lse_like(q, fill):
-    """LSE of every q row: (H, T) packed, (B, H, Nq) dense; fp32, filled with ``fill`` unless None."""
-    shape = (q.shape[1], q.shape[0]) if q.dim() == 3 else q.shape[:3]
-    if fill is None:
-        return torch.empty(shape, dtype=torch.float32, device=q.device)
-    return torch.full(shape, fill, dtype=torch.float32, device=q.device)
 
 
 def _lse_strides(lse):
