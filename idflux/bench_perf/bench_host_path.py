@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import importlib
 import json
-import platform
 import types
 
 import torch
@@ -141,14 +140,17 @@ def main(argv=None) -> int:
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per row (Timer.blocked_autorange)")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
+    from idflux.bench_perf.harness import cpu_name, git_commit, host_load
+
     res = measure(args.min_run_time)
-    print(f"# region_attention host path, launches stubbed; {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, 1 thread, thread CPU time")
+    env = {"cpu": cpu_name(), "torch": torch.__version__, "commit": git_commit(), **host_load()}
+    print(f"# region_attention host path, launches stubbed; {env['cpu']} ({env['cpus']} CPUs, load {env['load']}), "
+          f"torch {env['torch']}, commit {env['commit']}, 1 thread, thread CPU time")
     for name, r in res.items():
         print(f"{name:<22} {r['us']:8.1f} us  (p20 {r['p20']:.1f}, p80 {r['p80']:.1f})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+            json.dump({"env": env, "rows": res}, f, indent=1)
     return 0
 
 

@@ -164,6 +164,22 @@ examples:
 """
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The preset, the identity models and the device: the options `generate` and `serve` share
+    (the weight sources are :func:`idflux.engine.loading.add_weight_arguments`)."""
+    p.add_argument("--preset", choices=("tiny", "flux-dev"), default="flux-dev",
+                   help="flux-dev: real weights (--flux, --adapter, --face-models, --siglip); tiny: small models, CPU, "
+                        "seconds, no downloads (the shipped tiny world when built, --flux random for random models, "
+                        "--flux DIR for another world folder)")
+    p.add_argument("--adapter", metavar="FILE",
+                   help="idflux adapter file (idflux export; both presets) or the released withanyone.safetensors "
+                        "(flux-dev); tiny without it: the preset's own adapter")
+    p.add_argument("--face-models", metavar="DIR", help="insightface antelopev2 folder (SCRFD + glintr100; flux-dev)")
+    p.add_argument("--siglip", metavar="DIR", help="google/siglip-base-patch16-256-i18n folder (flux-dev)")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N")
+
+
 def add_generate_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate an image with identities kept inside their boxes",
                        description="Reference photos (one person each), a prompt and optionally one box per reference "
@@ -180,15 +196,7 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
                                  "<out>/<case out> (default <id>/out.png)")
     p.add_argument("--batch", metavar="CASES.json",
                    help="cases JSON (idflux eval --write-cases / MultiID-Bench layout): one image per case")
-    p.add_argument("--preset", choices=("tiny", "flux-dev"), default="flux-dev",
-                   help="flux-dev: real weights (--flux, --adapter, --face-models, --siglip); tiny: small models, CPU, "
-                        "seconds, no downloads (the shipped tiny world when built, --flux random for random models, "
-                        "--flux DIR for another world folder)")
-    p.add_argument("--adapter", metavar="FILE",
-                   help="idflux adapter file (idflux export; both presets) or the released withanyone.safetensors "
-                        "(flux-dev); tiny without it: the preset's own adapter")
-    p.add_argument("--face-models", metavar="DIR", help="insightface antelopev2 folder (SCRFD + glintr100; flux-dev)")
-    p.add_argument("--siglip", metavar="DIR", help="google/siglip-base-patch16-256-i18n folder (flux-dev)")
+    add_model_arguments(p)
     p.add_argument("--steps", type=positive_int, default=25, help="denoising steps (>= 1)")
     p.add_argument("--guidance", type=finite_float, default=4.0, help="FLUX guidance embedding (finite)")
     p.add_argument("--size", type=pixels, default=None,
@@ -200,8 +208,6 @@ def add_generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--siglip-weight", type=finite_float, default=1.0, help="scale of the SigLIP branch (0 turns it off)")
     p.add_argument("--released-shift", action="store_true",
                    help="the released inference's time shift ((W/8)(H/8)//256 tokens), for parity with its images")
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda or cuda:N")
     p.add_argument("--cuda-graph", action="store_true",
                    help="CUDA: capture the denoising step once in a CUDA graph and replay it at every step")
     p.add_argument("--no-preview", action="store_true", help="do not write the STEM.boxes.png preview")

@@ -110,7 +110,7 @@ def _grouped_attention(q, k, v, groups, acc, scale):
     # for fully masked), where softmax gives NaN: with a non-finite key (a poisoned reference) the
     # groups take the math kernel, so a token that sees NaN gets NaN, as in the Triton kernels.
     # (One reduction over k per call; a host sync on CUDA, where backend="torch" is opt-in.)
-    ieee = not bool(torch.isfinite(k).all()) if k.numel() else False
+    ieee = not bool(torch.isfinite(k).all())
     with (sdpa_kernel(SDPBackend.MATH) if ieee else contextlib.nullcontext()):
         for (b, _, keys), qs in zip(groups, queries):
             # 4-D (1, H, n, D): the rank SDPA's fused CPU kernel takes (3-D goes to the slower math path).

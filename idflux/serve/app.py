@@ -80,13 +80,14 @@ class LayoutServer:
         from idflux.engine.pipeline import draw_boxes, sidecar_path
 
         filled = [(i, p) for i, p in enumerate(ref_paths) if p is not None]
-        refs = [read_reference_image(p, f"reference {i + 1} ({Path(str(p)).name})") for i, p in filled]
+        labels = [f"reference {i + 1} ({Path(str(p)).name})" for i, p in filled]
+        refs = [read_reference_image(p, label) for (_, p), label in zip(filled, labels)]
         boxes = layout.boxes_from_annotation(annotation)
         settings = layout.page_settings(prompt=prompt, n_refs=len(refs), boxes=boxes, height=height, width=width,
                                         steps=steps, guidance=guidance, seed=seed, id_weight=id_weight,
                                         siglip_weight=siglip_weight)
-        for (i, p), image in zip(filled, refs):
-            self._face(image, f"reference {i + 1} ({Path(str(p)).name})")
+        for label, image in zip(labels, refs):
+            self._face(image, label)
         total = settings["num_inference_steps"]
 
         def on_step(pipe, step, timestep, kwargs):
@@ -239,10 +240,8 @@ def port_int(text: str) -> int:
 
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
-    from idflux.engine.cli import HelpFormatter, device
+    from idflux.engine.cli import HelpFormatter, add_model_arguments
     from idflux.engine.loading import add_weight_arguments
-
-    import torch
 
     p = sub.add_parser("serve", help="a web page to place identities: upload faces, draw their boxes, generate",
                        description="A Gradio page over the same pipeline as `idflux generate`: up to four reference "
@@ -253,14 +252,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                               "  idflux serve --flux FLUX.1-dev/ --adapter withanyone.safetensors --face-models "
                               "antelopev2/ --siglip siglip-base-patch16-256-i18n/ --fp8 --port 7860",
                        formatter_class=HelpFormatter)
-    p.add_argument("--preset", choices=("tiny", "flux-dev"), default="flux-dev",
-                   help="flux-dev: real weights (--flux, --adapter, --face-models, --siglip); tiny: small models, CPU, "
-                        "seconds per image, no downloads")
-    p.add_argument("--adapter", metavar="FILE", help="idflux adapter file or the released withanyone.safetensors")
-    p.add_argument("--face-models", metavar="DIR", help="insightface antelopev2 folder (flux-dev)")
-    p.add_argument("--siglip", metavar="DIR", help="google/siglip-base-patch16-256-i18n folder (flux-dev)")
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda or cuda:N")
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=port_int, default=7860, help="TCP port")
     p.add_argument("--out-dir", metavar="DIR", help="where generated PNGs and sidecars go (default: a new temp folder)")
