@@ -140,6 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per row (Timer.blocked_autorange)")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
+    if not args.min_run_time > 0:
+        p.error(f"--min-run-time must be > 0 seconds, got {args.min_run_time}")
     from idflux.bench_perf.harness import cpu_name, git_commit, host_load
 
     res = measure(args.min_run_time)

@@ -184,3 +184,11 @@ def test_backend_availability_is_part_of_the_signature(monkeypatch):
         monkeypatch.setattr(_backend, "INTERPRET", False)
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             region_attention(q, k, v, mem, offs, backend="triton")
+
+
+def test_host_path_bench_refuses_a_non_positive_run_time(capsys):
+    from idflux.bench_perf import bench_host_path as bh
+
+    with pytest.raises(SystemExit) as exc:
+        bh.main(["--min-run-time", "0"])
+    assert exc.value.code == 2 and "--min-run-time must be > 0" in capsys.readouterr().err
